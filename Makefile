@@ -1,0 +1,79 @@
+# dmirror: build the module, the bench kernel, and run the VM suites.
+#
+#   make demo      set up, build, boot, load dmirror, show it working
+#   make test      every test: host unit tests, then the VM suites
+#   make kernel    build (or reuse) the cached kernel ($KERNEL_FLAVOUR)
+#   make / make module, make clippy, make rust-analyzer
+#
+# KDIR=<build tree> builds the module against another Rust-enabled kernel.
+
+SHELL := /bin/bash
+ROOT := $(CURDIR)
+KERNEL_FLAVOUR ?= default
+export KERNEL_FLAVOUR
+BUILD := $(ROOT)/build/$(KERNEL_FLAVOUR)
+TIMEOUT ?= 2400
+BENCH := $(ROOT)/target/release/dmirror-bench
+
+# The kernel tree: the cached bench kernel unless KDIR is given.
+ifeq ($(origin KDIR),undefined)
+KERNEL_DEP := kernel
+KDIR = $(shell $(ROOT)/scripts/kernel path)
+KSRC = $(shell $(ROOT)/scripts/kernel src)
+else
+KERNEL_DEP :=
+KSRC = $(shell readlink -f $(KDIR)/source 2>/dev/null || echo $(KDIR))
+endif
+
+KMAKE = $(MAKE) -C $(KDIR) LLVM=-19 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
+	BINDGEN=$(HOME)/.cargo/bin/bindgen
+
+.PHONY: all module clippy rust-analyzer kernel setup canary selftest tools \
+	initramfs demo test host-test clean
+
+all: module
+
+setup:
+	$(ROOT)/scripts/setup
+
+kernel:
+	$(ROOT)/scripts/kernel build
+
+module: $(KERNEL_DEP)
+	$(KMAKE) M=$(ROOT) modules
+
+clippy: $(KERNEL_DEP)
+	$(KMAKE) M=$(ROOT) CLIPPY=1 modules
+
+rust-analyzer: $(KERNEL_DEP)
+	$(KMAKE) M=$(ROOT) rust-analyzer
+
+canary: $(KERNEL_DEP)
+	$(KMAKE) M=$(ROOT)/tests/canary modules
+
+selftest: $(KERNEL_DEP)
+	$(ROOT)/scripts/build-selftest $(KSRC) $(KDIR) $(BUILD)/hmm-tests
+
+tools:
+	cargo build --release --quiet -p dmirror-bench
+
+initramfs: module canary selftest
+	$(ROOT)/scripts/mkinitramfs $(KDIR) $(BUILD)/initramfs.cpio.gz \
+		$(ROOT)/dmirror.ko $(ROOT)/tests/canary/bench_canary.ko \
+		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests
+
+host-test:
+	cargo test --quiet --workspace
+
+demo: initramfs tools
+	$(BENCH) run --plan demo --kernel $(KDIR)/arch/x86/boot/bzImage \
+		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results
+
+test: host-test initramfs tools
+	$(BENCH) run --plan test --kernel $(KDIR)/arch/x86/boot/bzImage \
+		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results
+
+clean:
+	-$(KMAKE) M=$(ROOT) clean
+	-$(KMAKE) M=$(ROOT)/tests/canary clean
+	rm -rf $(ROOT)/build

@@ -1,0 +1,7 @@
+//! The dmirror bench's host side: parsing what the guest printed and judging
+//! it.
+
+pub mod dmesg;
+pub mod ktap;
+pub mod stream;
+pub mod verdict;

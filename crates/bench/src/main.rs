@@ -1,0 +1,296 @@
+//! `dmirror-bench`: boots the bench VM and judges what it printed.
+//!
+//! ```text
+//! dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S]
+//!                   [--results DIR] [--kvm] [--append ARG]...
+//! dmirror-bench judge RESULTS_DIR
+//! ```
+//!
+//! `run` writes `DIR/<timestamp>-<plan>/` (console.log, stream.log,
+//! dmesg.txt, one .ktap per suite, summary.json), points `DIR/latest` at it,
+//! prints the verdicts and exits 0 only when every gated suite passed.
+//! `judge` re-judges a saved run from its console.log and stream.log.
+
+use dmirror_bench::stream;
+use dmirror_bench::verdict::{self, Summary};
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Guest memory: RAM, the legacy pmem region and the reserved range for
+/// coherent devices (KERNEL-NOTES §2).
+const GUEST_MEM: &str = "3G";
+const PMEM: &str = "memmap=512M!1G";
+const SPM_RANGE: &str = "memmap=512M$1536M";
+const SPM0: &str = "0x60000000";
+const SPM1: &str = "0x70000000";
+
+struct RunArgs {
+    plan: String,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    timeout: u64,
+    results: PathBuf,
+    kvm: bool,
+    append: Vec<String>,
+}
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--kvm] [--append ARG]...\n       dmirror-bench judge RESULTS_DIR"
+    );
+    ExitCode::from(2)
+}
+
+fn parse_run(args: &[String]) -> Result<RunArgs, String> {
+    let mut plan = None;
+    let mut kernel = None;
+    let mut initrd = None;
+    let mut timeout = 2400;
+    let mut results = PathBuf::from("results");
+    let mut kvm = false;
+    let mut append = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--plan" => plan = Some(value()?),
+            "--kernel" => kernel = Some(PathBuf::from(value()?)),
+            "--initrd" => initrd = Some(PathBuf::from(value()?)),
+            "--timeout" => timeout = value()?.parse().map_err(|e| format!("--timeout: {e}"))?,
+            "--results" => results = PathBuf::from(value()?),
+            "--append" => append.push(value()?),
+            "--kvm" => kvm = true,
+            _ => return Err(format!("unknown argument {a}")),
+        }
+    }
+    Ok(RunArgs {
+        plan: plan.ok_or("--plan is required")?,
+        kernel: kernel.ok_or("--kernel is required")?,
+        initrd: initrd.ok_or("--initrd is required")?,
+        timeout,
+        results,
+        kvm,
+        append,
+    })
+}
+
+/// UTC `YYYYmmdd-HHMMSS` for a results directory name.
+fn timestamp() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Prints the marker lines that arrived since `pos`, as progress.
+fn follow(path: &Path, pos: &mut u64, partial: &mut String, start: Instant) {
+    let Ok(mut f) = fs::File::open(path) else { return };
+    if f.seek(SeekFrom::Start(*pos)).is_err() {
+        return;
+    }
+    let mut buf = Vec::new();
+    if f.read_to_end(&mut buf).is_err() {
+        return;
+    }
+    *pos += buf.len() as u64;
+    partial.push_str(&String::from_utf8_lossy(&buf));
+    while let Some(i) = partial.find('\n') {
+        let line: String = partial.drain(..=i).collect();
+        let line = line.trim_end();
+        if let Some(m) = line.find("@@DMIRROR ").map(|i| &line[i + 10..]) {
+            let words: Vec<&str> = m.split_whitespace().collect();
+            let t = start.elapsed().as_secs_f64();
+            match words.as_slice() {
+                ["BOOT", rel, ..] => println!("[{t:7.1}s] guest booted {rel}"),
+                ["BEGIN", name, ..] => println!("[{t:7.1}s] {name}: running"),
+                ["END", name, rc] => println!("[{t:7.1}s] {name}: finished ({rc})"),
+                ["DONE"] => println!("[{t:7.1}s] plan done"),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<bool, String> {
+    let dir = args.results.join(format!("{}-{}", timestamp(), args.plan));
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let console = dir.join("console.log");
+    let stream_log = dir.join("stream.log");
+    let mut cmdline = vec![
+        "console=ttyS0".to_string(),
+        "loglevel=4".into(),
+        "panic=-1".into(),
+        "no_hash_pointers".into(),
+        PMEM.into(),
+        SPM_RANGE.into(),
+        format!("dmirror.plan={}", args.plan),
+        format!("dmirror.spm0={SPM0}"),
+        format!("dmirror.spm1={SPM1}"),
+    ];
+    cmdline.extend(args.append.iter().cloned());
+    let accel: &[&str] = if args.kvm {
+        &["-accel", "kvm", "-cpu", "host"]
+    } else {
+        &["-accel", "tcg,thread=multi", "-cpu", "max"]
+    };
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"])
+        .args(accel)
+        .args(["-smp", "2", "-m", GUEST_MEM])
+        .arg("-kernel")
+        .arg(&args.kernel)
+        .arg("-initrd")
+        .arg(&args.initrd)
+        .args(["-append", &cmdline.join(" ")])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", stream_log.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    println!("bench: booting {} (plan {}, timeout {} s)", args.kernel.display(), args.plan, args.timeout);
+    println!("bench: results in {}", dir.display());
+    let start = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| format!("qemu-system-x86_64: {e}"))?;
+    let mut pos = 0;
+    let mut partial = String::new();
+    let mut timed_out = false;
+    let status = loop {
+        follow(&stream_log, &mut pos, &mut partial, start);
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(args.timeout) {
+            timed_out = true;
+            let _ = child.kill();
+            break child.wait().map_err(|e| e.to_string())?;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    follow(&stream_log, &mut pos, &mut partial, start);
+    let mut qemu_err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut qemu_err);
+    }
+    println!("bench: guest ran {:.1} s", start.elapsed().as_secs_f64());
+    if timed_out {
+        println!("bench: TIMEOUT after {} s: the guest was killed", args.timeout);
+    } else if !status.success() {
+        println!("bench: qemu exited with {status}: {}", qemu_err.trim());
+    }
+    let summary = judge_dir(&dir)?;
+    let latest = args.results.join("latest");
+    let _ = fs::remove_file(&latest);
+    if let Some(name) = dir.file_name() {
+        std::os::unix::fs::symlink(name, &latest).map_err(|e| format!("{}: {e}", latest.display()))?;
+    }
+    Ok(summary.ok)
+}
+
+/// Judges a results directory and writes its per-suite files and summary.
+fn judge_dir(dir: &Path) -> Result<Summary, String> {
+    let read = |name: &str| fs::read(dir.join(name)).map(|b| String::from_utf8_lossy(&b).into_owned());
+    let console = read("console.log").unwrap_or_default();
+    let stream_text = read("stream.log").map_err(|e| format!("{}/stream.log: {e}", dir.display()))?;
+    let stream = stream::parse(&stream_text);
+    let summary = verdict::judge(&stream, &console);
+    let write = |name: &str, text: &str| fs::write(dir.join(name), text).map_err(|e| format!("{name}: {e}"));
+    let mut dmesg_all = String::new();
+    for s in &stream.suites {
+        dmesg_all.push_str(&format!("==== {} ====\n{}", s.name, s.dmesg));
+        if s.name != "boot" {
+            write(&format!("{}.ktap", s.name), &s.output)?;
+        }
+    }
+    write("dmesg.txt", &dmesg_all)?;
+    let json = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
+    write("summary.json", &json)?;
+    print_summary(&summary);
+    Ok(summary)
+}
+
+fn print_summary(summary: &Summary) {
+    println!();
+    println!("{:<24} {:>6} {:>7} {:>7} {:>8} {:>9}", "suite", "gated", "passed", "failed", "skipped", "findings");
+    for s in &summary.suites {
+        println!(
+            "{:<24} {:>6} {:>7} {:>7} {:>8} {:>9}",
+            s.name,
+            if s.gated { "yes" } else { "no" },
+            s.passed,
+            s.failed,
+            s.skipped,
+            s.findings.len()
+        );
+    }
+    for s in &summary.suites {
+        let failed: Vec<_> = s
+            .tests
+            .iter()
+            .filter(|t| matches!(t.outcome, dmirror_bench::ktap::Outcome::Fail | dmirror_bench::ktap::Outcome::Crash))
+            .collect();
+        if !failed.is_empty() {
+            println!("\n{}{}: failed", s.name, if s.gated { "" } else { " (not gated)" });
+            for t in failed.iter().take(40) {
+                println!("  {} {}", t.name, t.note);
+            }
+        }
+        if !s.findings.is_empty() {
+            let shown = if s.gated { 20 } else { 2 };
+            println!(
+                "\n{}: {} kernel report(s){}",
+                s.name,
+                s.findings.len(),
+                if s.expect_findings { " (expected: bench self-check)" } else { "" }
+            );
+            for f in s.findings.iter().take(shown) {
+                println!("  --- {} at dmesg line {}", f.kind, f.line_no);
+                for l in &f.context {
+                    println!("  | {l}");
+                }
+            }
+            if s.findings.len() > shown {
+                println!("  ... {} more in dmesg.txt / summary.json", s.findings.len() - shown);
+            }
+        }
+    }
+    println!();
+    println!("bench: {}", if summary.ok { "PASS" } else { "FAIL" });
+    println!("{} passed, {} failed, {} skipped", summary.gated.passed, summary.gated.failed, summary.gated.skipped);
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => match parse_run(&args[1..]) {
+            Ok(a) => run(a),
+            Err(e) => {
+                eprintln!("dmirror-bench: {e}");
+                return usage();
+            }
+        },
+        Some("judge") if args.len() == 2 => judge_dir(Path::new(&args[1])).map(|s| s.ok),
+        _ => return usage(),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("dmirror-bench: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Turns the guest's stream into per-suite verdicts and the run's summary.
+
+use crate::dmesg::{self, Finding};
+use crate::ktap::{self, Outcome, TestResult};
+use crate::stream::Stream;
+use serde::Serialize;
+
+/// The exit status busybox `timeout -s KILL` leaves.
+const RC_KILLED: i32 = 137;
+
+/// The verdict on one suite.
+#[derive(Clone, Debug, Serialize)]
+pub struct SuiteVerdict {
+    /// The suite's name.
+    pub name: String,
+    /// Whether it gates the run.
+    pub gated: bool,
+    /// Whether it was meant to cause kernel reports.
+    pub expect_findings: bool,
+    /// Its exit status, if it finished.
+    pub rc: Option<i32>,
+    /// Passed tests, including the kernel-log check.
+    pub passed: usize,
+    /// Failed or crashed tests, including the kernel-log check.
+    pub failed: usize,
+    /// Skipped tests.
+    pub skipped: usize,
+    /// Every counted test.
+    pub tests: Vec<TestResult>,
+    /// Kernel reports found in the log the suite caused.
+    pub findings: Vec<Finding>,
+}
+
+impl SuiteVerdict {
+    /// Whether nothing in this suite failed.
+    pub fn ok(&self) -> bool {
+        self.failed == 0
+    }
+}
+
+/// The verdict on a whole run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// The kernel release the guest reported.
+    pub kernel: Option<String>,
+    /// Whether the guest reached the end of its plan.
+    pub done: bool,
+    /// The suites, in the order they ran.
+    pub suites: Vec<SuiteVerdict>,
+    /// Totals over the gated suites.
+    pub gated: Totals,
+    /// Whether the run passes: every gated suite passed and the guest
+    /// finished.
+    pub ok: bool,
+}
+
+/// Counts over several suites.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Totals {
+    /// Passed tests.
+    pub passed: usize,
+    /// Failed tests.
+    pub failed: usize,
+    /// Skipped tests.
+    pub skipped: usize,
+}
+
+fn synthetic(name: &str, pass: bool, note: String) -> TestResult {
+    TestResult {
+        name: name.to_string(),
+        outcome: if pass { Outcome::Pass } else { Outcome::Fail },
+        note,
+    }
+}
+
+/// Judges a parsed stream. `console` is the kernel console, scanned for the
+/// reports of a suite that never finished (its dmesg was never dumped).
+pub fn judge(stream: &Stream, console: &str) -> Summary {
+    let mut suites = Vec::new();
+    for s in &stream.suites {
+        let is_boot = s.name == "boot";
+        let report = ktap::parse(&s.output);
+        let mut tests = report.tests.clone();
+        match s.rc {
+            None => tests.push(synthetic(
+                "finished",
+                false,
+                "the suite never finished: the guest crashed, hung or hit the run's timeout".into(),
+            )),
+            Some(RC_KILLED) => tests.push(synthetic("finished", false, "killed by the suite timeout".into())),
+            Some(0) => {}
+            Some(rc) if report.failed() == 0 => {
+                tests.push(synthetic("exit status", false, format!("exited {rc} without a failed test")))
+            }
+            Some(_) => {}
+        }
+        if !is_boot && !report.saw_ktap && s.rc.is_some() {
+            tests.push(synthetic("ktap output", false, "the suite printed no KTAP".into()));
+        }
+        // A suite that never finished has no dmesg of its own; the console
+        // holds what the kernel said.
+        let findings = if s.rc.is_none() {
+            dmesg::scan(&format!("{}{}", s.dmesg, console))
+        } else {
+            dmesg::scan(&s.dmesg)
+        };
+        if s.expect_findings {
+            tests.push(synthetic(
+                "kernel log report caught",
+                !findings.is_empty(),
+                if findings.is_empty() {
+                    "the expected kernel report was not found".into()
+                } else {
+                    format!("{} report(s), as expected", findings.len())
+                },
+            ));
+        } else {
+            tests.push(synthetic(
+                "kernel log clean",
+                findings.is_empty(),
+                if findings.is_empty() {
+                    String::new()
+                } else {
+                    format!("{} kernel report(s)", findings.len())
+                },
+            ));
+        }
+        let passed = tests.iter().filter(|t| t.outcome == Outcome::Pass).count();
+        let skipped = tests.iter().filter(|t| t.outcome == Outcome::Skip).count();
+        let failed = tests.len() - passed - skipped;
+        suites.push(SuiteVerdict {
+            name: s.name.clone(),
+            gated: s.gated,
+            expect_findings: s.expect_findings,
+            rc: s.rc,
+            passed,
+            failed,
+            skipped,
+            tests,
+            findings,
+        });
+    }
+    if !stream.done {
+        let findings = dmesg::scan(console);
+        let tests = vec![synthetic(
+            "guest finished its plan",
+            false,
+            "no end-of-plan marker: the guest crashed, hung or timed out".into(),
+        )];
+        suites.push(SuiteVerdict {
+            name: "bench".into(),
+            gated: true,
+            expect_findings: false,
+            rc: None,
+            passed: 0,
+            failed: 1,
+            skipped: 0,
+            tests,
+            findings,
+        });
+    }
+    let mut gated = Totals::default();
+    for s in suites.iter().filter(|s| s.gated) {
+        gated.passed += s.passed;
+        gated.failed += s.failed;
+        gated.skipped += s.skipped;
+    }
+    let ok = stream.done && gated.failed == 0 && suites.iter().filter(|s| s.gated).all(SuiteVerdict::ok);
+    Summary {
+        kernel: stream.kernel.clone(),
+        done: stream.done,
+        suites,
+        gated,
+        ok,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream;
+
+    fn run(text: &str) -> Summary {
+        judge(&stream::parse(text), "")
+    }
+
+    const BOOT: &str = "@@DMIRROR BOOT 7.3.4\n@@DMIRROR DMESG boot\n[0] ok\n@@DMIRROR END boot rc=0\n";
+
+    #[test]
+    fn green_run() {
+        let s = run(&format!(
+            "{BOOT}@@DMIRROR BEGIN a gated=1 expect_findings=0\n1..2\nok 1 x\nok 2 y # SKIP z\n@@DMIRROR DMESG a\n@@DMIRROR END a rc=0\n@@DMIRROR DONE\n"
+        ));
+        assert!(s.ok);
+        assert_eq!(s.gated, Totals { passed: 3, failed: 0, skipped: 1 });
+    }
+
+    #[test]
+    fn warning_fails_a_gated_suite() {
+        let s = run(&format!(
+            "{BOOT}@@DMIRROR BEGIN a gated=1 expect_findings=0\n1..1\nok 1 x\n@@DMIRROR DMESG a\nWARNING: CPU: 0 PID: 1 at x\n@@DMIRROR END a rc=0\n@@DMIRROR DONE\n"
+        ));
+        assert!(!s.ok);
+        assert_eq!(s.suites[1].findings.len(), 1);
+    }
+
+    #[test]
+    fn ungated_failure_does_not_fail_the_run() {
+        let s = run(&format!(
+            "{BOOT}@@DMIRROR BEGIN ref gated=0 expect_findings=0\n1..1\nnot ok 1 x\n@@DMIRROR DMESG ref\nOops: 0000\n@@DMIRROR END ref rc=1\n@@DMIRROR DONE\n"
+        ));
+        assert!(s.ok);
+        assert_eq!(s.suites[1].failed, 2);
+    }
+
+    #[test]
+    fn expected_findings_must_appear() {
+        let with = run(&format!(
+            "{BOOT}@@DMIRROR BEGIN c gated=1 expect_findings=1\n1..1\nok 1 x\n@@DMIRROR DMESG c\nWARNING: CPU: 0\n@@DMIRROR END c rc=0\n@@DMIRROR DONE\n"
+        ));
+        assert!(with.ok);
+        let without = run(&format!(
+            "{BOOT}@@DMIRROR BEGIN c gated=1 expect_findings=1\n1..1\nok 1 x\n@@DMIRROR DMESG c\n@@DMIRROR END c rc=0\n@@DMIRROR DONE\n"
+        ));
+        assert!(!without.ok);
+    }
+
+    #[test]
+    fn crash_and_timeout_fail() {
+        let crashed = judge(
+            &stream::parse(&format!("{BOOT}@@DMIRROR BEGIN a gated=1 expect_findings=0\n1..3\nok 1 x\n")),
+            "BUG: kernel NULL pointer dereference\n",
+        );
+        assert!(!crashed.ok);
+        assert_eq!(crashed.suites[1].findings.len(), 1);
+        assert!(crashed.suites.iter().any(|s| s.name == "bench"));
+        let killed = run(&format!(
+            "{BOOT}@@DMIRROR BEGIN a gated=1 expect_findings=0\n1..1\nok 1 x\n@@DMIRROR DMESG a\n@@DMIRROR END a rc=137\n@@DMIRROR DONE\n"
+        ));
+        assert!(!killed.ok);
+    }
+
+    #[test]
+    fn nonzero_exit_without_failed_test_fails() {
+        let s = run(&format!(
+            "{BOOT}@@DMIRROR BEGIN a gated=1 expect_findings=0\n1..1\nok 1 x\n@@DMIRROR DMESG a\n@@DMIRROR END a rc=1\n@@DMIRROR DONE\n"
+        ));
+        assert!(!s.ok);
+    }
+}
