@@ -13,6 +13,9 @@ KERNEL_FLAVOUR ?= default
 export KERNEL_FLAVOUR
 BUILD := $(ROOT)/build/$(KERNEL_FLAVOUR)
 TIMEOUT ?= 2400
+# INJECT=warn adds a suite whose kernel warning must fail the run.
+INJECT ?=
+BENCH_ARGS := $(if $(INJECT),--append dmirror.inject=$(INJECT))
 BENCH := $(ROOT)/target/release/dmirror-bench
 
 # The kernel tree: the cached bench kernel unless KDIR is given.
@@ -26,6 +29,7 @@ KSRC = $(shell readlink -f $(KDIR)/source 2>/dev/null || echo $(KDIR))
 endif
 
 KMAKE = $(MAKE) -C $(KDIR) LLVM=-19 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
+	CLIPPY_DRIVER=/usr/bin/clippy-driver \
 	BINDGEN=$(HOME)/.cargo/bin/bindgen
 
 .PHONY: all module clippy rust-analyzer kernel setup canary selftest tools \
@@ -71,7 +75,8 @@ demo: initramfs tools
 
 test: host-test initramfs tools
 	$(BENCH) run --plan test --kernel $(KDIR)/arch/x86/boot/bzImage \
-		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results
+		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
+		$(BENCH_ARGS)
 
 clean:
 	-$(KMAKE) M=$(ROOT) clean
