@@ -21,8 +21,8 @@ BENCH := $(ROOT)/target/release/dmirror-bench
 # The kernel tree: the cached bench kernel unless KDIR is given.
 ifeq ($(origin KDIR),undefined)
 KERNEL_DEP := kernel
-KDIR = $(shell $(ROOT)/scripts/kernel path)
-KSRC = $(shell $(ROOT)/scripts/kernel src)
+KDIR = $(shell KERNEL_FLAVOUR=$(KERNEL_FLAVOUR) $(ROOT)/scripts/kernel path)
+KSRC = $(shell KERNEL_FLAVOUR=$(KERNEL_FLAVOUR) $(ROOT)/scripts/kernel src)
 else
 KERNEL_DEP :=
 KSRC = $(shell readlink -f $(KDIR)/source 2>/dev/null || echo $(KDIR))

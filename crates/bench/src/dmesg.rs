@@ -15,7 +15,11 @@ const PATTERNS: &[(&str, &str)] = &[
     ("refcount_t:", "refcount_t"),
     ("bad page", "bad page"),
     ("Bad page", "bad page"),
-    ("lockdep", "lockdep"),
+    // Lockdep's reports start with `WARNING:` or `BUG:`; these catch the rest of its output
+    // without matching its boot banner ("RCU lockdep checking is enabled").
+    ("lockdep is turned off", "lockdep"),
+    ("DEBUG_LOCKS_WARN_ON", "lockdep"),
+    ("suspicious RCU usage", "lockdep"),
     ("possible circular locking", "lockdep"),
     ("possible recursive locking", "lockdep"),
     ("inconsistent lock state", "lockdep"),
@@ -77,7 +81,7 @@ mod tests {
 
     #[test]
     fn clean_log_has_no_findings() {
-        let log = "[    0.000000] Linux version 7.3.4-dmirror\n[    1.2] dmirror: loaded\n[    1.3] Lock dependency validator: Copyright (c) 2006 Red Hat\n";
+        let log = "[    0.000000] Linux version 7.3.4-dmirror\n[    1.2] dmirror: loaded\n[    1.3] Lock dependency validator: Copyright (c) 2006 Red Hat\n[    0.0] rcu: \tRCU lockdep checking is enabled.\n[    0.0] ... MAX_LOCKDEP_SUBCLASSES:  8\n[    0.1] kmemleak: Kernel memory leak detector initialized (mempool available:16)\n";
         assert!(scan(log).is_empty());
     }
 
@@ -95,6 +99,8 @@ mod tests {
             ("[ 5.1] INFO: task a:1 blocked for more than 60 seconds.", "hung task"),
             ("[ 5.1] watchdog: BUG: soft lockup - CPU#0 stuck for 22s!", "BUG"),
             ("unreferenced object 0xffff888 (size 64):", "kmemleak"),
+            ("[ 5.1] INFO: lockdep is turned off.", "lockdep"),
+            ("[ 5.1] DEBUG_LOCKS_WARN_ON(1)", "lockdep"),
         ] {
             let f = scan(line);
             assert_eq!(f.len(), 1, "{line}");
