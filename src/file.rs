@@ -1,0 +1,548 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! An open `/dev/hmm_dmirrorN`: the device's mirror of the opener's address space, and the
+//! ioctls of `lib/test_hmm_uapi.h`.
+//!
+//! # The mirror
+//!
+//! The mirror maps page indices of the opener's address space to the system folio that holds
+//! the page's data: the page itself for system memory, the backing folio for a page in this
+//! device's memory. Entries hold a folio reference and whether the CPU mapping was writable.
+//! They are added only under [`MmuIntervalNotifier::lock_if_valid`] after an HMM fault, or right
+//! after a migration this file made, and are removed by every invalidation of their range, so
+//! a device access never reaches a page that is no longer mapped there.
+//!
+//! # Locking
+//!
+//! The mirror's mutex (inside the notifier) is taken last: nothing that may sleep on memory
+//! reclaim or on a page lock runs under it (mirror nodes are reserved before it is taken,
+//! folio locks are only tried), since reclaim and migrations invalidate, and invalidation
+//! takes this mutex.
+
+use crate::{
+    device::{Chunk, Device},
+    uapi::{self, prot, Cmd},
+};
+use core::sync::atomic::{AtomicU64, Ordering};
+use kernel::{
+    alloc::flags::{GFP_HIGHUSER_MOVABLE, GFP_KERNEL},
+    fs::File,
+    miscdevice::{MiscDevice, MiscDeviceRegistration},
+    mm::{
+        folio::Folio,
+        hmm::{FaultFlags, HmmRange},
+        memremap::{DevPagemap, PMD_ORDER},
+        migrate::{LockedFolio, MigrateVma, Select},
+        mmu_notifier::{MmuIntervalNotifier, MmuIntervalNotifierOps, NotifierRange},
+        Mm, MmWithUser,
+    },
+    page::PAGE_SIZE,
+    prelude::*,
+    rbtree::{RBTree, RBTreeNodeReservation},
+    sync::{aref::ARef, Arc},
+    time::{Delta, Instant, Monotonic},
+    uaccess::{UserPtr, UserSlice},
+};
+
+/// How long a fault retries on concurrent invalidations before giving up with `EBUSY`.
+const FAULT_TIMEOUT_MS: i64 = 1000;
+
+/// Pages faulted per `hmm_range_fault()` call.
+const FAULT_WINDOW: usize = 64;
+
+/// Pages migrated per `migrate_vma` call (one page table).
+const MIGRATE_WINDOW: usize = 512;
+
+/// One mirrored page.
+struct Entry {
+    /// The system folio holding the page's data.
+    folio: ARef<Folio>,
+    /// The byte offset of the page in `folio` (a large folio maps many addresses).
+    offset: usize,
+    /// Whether the CPU mapping was writable.
+    write: bool,
+}
+
+/// The device's view of the opener's address space, keyed by page index.
+struct Mirror {
+    table: RBTree<usize, Entry>,
+}
+
+impl MmuIntervalNotifierOps for Mirror {
+    fn invalidate(state: &mut Self, range: &NotifierRange<'_>) {
+        let (first, end) = (range.start() / PAGE_SIZE, range.end().div_ceil(PAGE_SIZE));
+        let mut cursor = state.table.cursor_lower_bound_mut(&first);
+        while let Some(c) = cursor {
+            if *c.current().0 >= end {
+                break;
+            }
+            cursor = c.remove_current().0;
+        }
+    }
+}
+
+/// A temporary notifier's state for SNAPSHOT: nothing to tear down.
+struct Snapshot;
+
+impl MmuIntervalNotifierOps for Snapshot {
+    fn invalidate(_state: &mut Self, _range: &NotifierRange<'_>) {}
+}
+
+/// An open device file.
+#[pin_data]
+pub(crate) struct DmirrorFile {
+    device: Arc<Device>,
+    mm: ARef<Mm>,
+    flags: AtomicU64,
+    #[pin]
+    mirror: MmuIntervalNotifier<Mirror>,
+}
+
+/// Reserves `n` mirror nodes, so that insertion under the mirror lock does not allocate.
+fn reserve(n: usize) -> Result<KVec<RBTreeNodeReservation<usize, Entry>>> {
+    let mut v = KVec::with_capacity(n, GFP_KERNEL)?;
+    for _ in 0..n {
+        v.push(RBTreeNodeReservation::new(GFP_KERNEL)?, GFP_KERNEL)?;
+    }
+    Ok(v)
+}
+
+/// Allocates a zeroed buffer for `npages` pages, `ENOMEM` if that is too much.
+fn bounce(npages: usize) -> Result<KVVec<u8>> {
+    let len = npages.checked_mul(PAGE_SIZE).ok_or(ENOMEM)?;
+    let mut v = KVVec::with_capacity(len, GFP_KERNEL)?;
+    v.resize(len, 0, GFP_KERNEL)?;
+    Ok(v)
+}
+
+impl DmirrorFile {
+    fn mm_user(&self, gone: Error) -> Result<ARef<MmWithUser>> {
+        self.mm.mmget_not_zero().ok_or(gone)
+    }
+
+    /// Takes the one-shot FAIL_ALLOC flag: true if the next allocation must fail.
+    fn take_fail_alloc(&self) -> bool {
+        self.flags.fetch_and(!uapi::FLAG_FAIL_ALLOC, Ordering::Relaxed) & uapi::FLAG_FAIL_ALLOC != 0
+    }
+
+    /// Maps a faulted folio to the folio holding its data: itself, or the backing of one of
+    /// this device's pages.
+    fn data_folio(&self, folio: ARef<Folio>, pfn: usize) -> Option<(ARef<Folio>, usize)> {
+        if !folio.is_zone_device() {
+            let offset = (pfn - folio.pfn()) * PAGE_SIZE;
+            return Some((folio, offset));
+        }
+        let (chunk, index) = DevPagemap::<Chunk>::of_folio(&folio, &self.device.owner)?;
+        chunk.data().backing(index + (pfn - folio.pfn())).map(|b| (b, 0))
+    }
+
+    /// Faults `[start, end)` into the mirror, readable or writable.
+    fn fault(&self, mm: &MmWithUser, start: usize, end: usize, write: bool, unlocked: bool) -> Result {
+        let flags = if write {
+            FaultFlags::WRITE
+        } else {
+            FaultFlags::READ
+        };
+        let mut addr = start;
+        while addr < end {
+            let n = ((end - addr) / PAGE_SIZE).min(FAULT_WINDOW);
+            self.fault_window(mm, addr, n, flags, write, unlocked)?;
+            addr += n * PAGE_SIZE;
+        }
+        Ok(())
+    }
+
+    fn fault_window(
+        &self,
+        mm: &MmWithUser,
+        start: usize,
+        n: usize,
+        flags: FaultFlags,
+        write: bool,
+        unlocked: bool,
+    ) -> Result {
+        let started = Instant::<Monotonic>::now();
+        let owner = self.device.owner.token();
+        loop {
+            if started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
+                return Err(EBUSY);
+            }
+            let seq = self.mirror.read_begin();
+            let range = if unlocked {
+                HmmRange::fault_unlocked(&self.mirror, seq, start, n, flags, owner, 0)
+            } else {
+                let mmap = mm.mmap_read_lock();
+                HmmRange::fault(&self.mirror, &mmap, seq, start, n, flags, owner)
+            };
+            let range = match range {
+                Err(e) if e == EBUSY => continue,
+                r => r?,
+            };
+            let mut nodes = reserve(n)?;
+            let Some(mut mirror) = range.lock_if_valid(&self.mirror) else {
+                continue;
+            };
+            let mut folios = KVec::with_capacity(n, GFP_KERNEL)?;
+            for (i, pfn) in range.pfns().iter().enumerate() {
+                if pfn.is_error() || !pfn.is_valid() || (write && !pfn.is_writable()) {
+                    return Err(EFAULT);
+                }
+                let folio = range.folio(i, &mirror).ok_or(EFAULT)?;
+                folios.push((folio, pfn.pfn(), pfn.is_writable()), GFP_KERNEL)?;
+            }
+            for (i, (folio, pfn, writable)) in folios.into_iter().enumerate() {
+                let Some((data, offset)) = self.data_folio(folio, pfn) else {
+                    return Err(EFAULT);
+                };
+                let node = nodes.pop().ok_or(ENOMEM)?.into_node(
+                    start / PAGE_SIZE + i,
+                    Entry {
+                        folio: data,
+                        offset,
+                        write: writable,
+                    },
+                );
+                mirror.table.insert(node);
+            }
+            return Ok(());
+        }
+    }
+
+    /// Copies mirrored pages `[first, npages)` of the range at `addr` into `buf`, stopping at
+    /// the first page that is not mirrored (or not writable, for `need_write`). Returns the
+    /// number of pages done in all.
+    fn copy_out(&self, addr: usize, first: usize, npages: usize, buf: &mut [u8]) -> Result<usize> {
+        let mirror = self.mirror.lock();
+        let base = addr / PAGE_SIZE;
+        for i in first..npages {
+            let Some(entry) = mirror.table.get(&(base + i)) else {
+                return Ok(i);
+            };
+            entry.folio.read(entry.offset, &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])?;
+        }
+        Ok(npages)
+    }
+
+    /// Copies `buf` into mirrored, writable pages `[first, npages)`; as [`Self::copy_out`].
+    /// A page whose lock is held elsewhere counts as not mirrored: it is faulted and retried.
+    fn copy_in(&self, addr: usize, first: usize, npages: usize, buf: &[u8]) -> Result<usize> {
+        let mirror = self.mirror.lock();
+        let base = addr / PAGE_SIZE;
+        for i in first..npages {
+            let Some(entry) = mirror.table.get(&(base + i)).filter(|e| e.write) else {
+                return Ok(i);
+            };
+            let Some(mut guard) = entry.folio.try_lock() else {
+                return Ok(i);
+            };
+            guard.write(entry.offset, &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])?;
+        }
+        Ok(npages)
+    }
+
+    fn read(&self, cmd: &mut Cmd, unlocked: bool) -> Result {
+        let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
+        let mm = self.mm_user(EFAULT)?;
+        let mut buf = bounce(npages)?;
+        let mut done = 0;
+        loop {
+            done = self.copy_out(addr, done, npages, &mut buf)?;
+            if done == npages {
+                break;
+            }
+            self.fault(&mm, addr + done * PAGE_SIZE, addr + npages * PAGE_SIZE, false, unlocked)?;
+            cmd.faults += 1;
+        }
+        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), buf.len())
+            .writer()
+            .write_slice(&buf)?;
+        cmd.cpages = npages as u64;
+        Ok(())
+    }
+
+    fn write(&self, cmd: &mut Cmd) -> Result {
+        let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
+        let mm = self.mm_user(EFAULT)?;
+        let mut buf = bounce(npages)?;
+        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), buf.len())
+            .reader()
+            .read_slice(&mut buf)?;
+        let mut done = 0;
+        let started = Instant::<Monotonic>::now();
+        loop {
+            let before = done;
+            done = self.copy_in(addr, done, npages, &buf)?;
+            if done == npages {
+                break;
+            }
+            if done == before && started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
+                return Err(EBUSY);
+            }
+            self.fault(&mm, addr + done * PAGE_SIZE, addr + npages * PAGE_SIZE, true, false)?;
+            cmd.faults += 1;
+        }
+        cmd.cpages = npages as u64;
+        Ok(())
+    }
+
+    fn migrate_to_dev(&self, cmd: &mut Cmd) -> Result {
+        let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
+        let end = addr + npages * PAGE_SIZE;
+        let mm = self.mm_user(EINVAL)?;
+        {
+            let mmap = mm.mmap_read_lock();
+            let mut start = addr;
+            while start < end {
+                let vma = mmap.vma_lookup(start).ok_or(EINVAL)?;
+                if vma.flags() & kernel::mm::virt::flags::READ == 0 {
+                    return Err(EINVAL);
+                }
+                let next = (start + MIGRATE_WINDOW * PAGE_SIZE).min(end).min(vma.end());
+                let mut mig = MigrateVma::setup(vma, start, next, self.device.owner.token(), Select::SYSTEM, None)?;
+                let wanted: KVec<usize> = {
+                    let mut v = KVec::new();
+                    for i in 0..mig.npages() {
+                        let src = mig.src(i);
+                        let system = mig.src_folio(i).is_none_or(|f| !f.is_zone_device());
+                        if src.is_migrate() && system {
+                            v.push(i, GFP_KERNEL)?;
+                        }
+                    }
+                    v
+                };
+                if !wanted.is_empty() && !self.take_fail_alloc() {
+                    let mut nodes = reserve(wanted.len())?;
+                    let mut mapped = KVec::with_capacity(wanted.len(), GFP_KERNEL)?;
+                    let res = self.device.alloc_pages(wanted.len(), |k, backing, folio| {
+                        let i = wanted[k];
+                        match mig.src_folio(i) {
+                            Some(src) => backing.copy_from(src)?,
+                            None => backing.zero(),
+                        }
+                        mapped.push((i, ARef::from(backing.folio()), mig.src(i).is_write()), GFP_KERNEL)?;
+                        mig.set_dst(i, folio)
+                    });
+                    // Out of device memory: migrate what was allocated, leave the rest.
+                    if let Err(e) = res {
+                        if e != ENOMEM {
+                            return Err(e);
+                        }
+                    }
+                    mig.pages();
+                    let mut mirror = self.mirror.lock();
+                    for (i, backing, write) in mapped {
+                        if mig.migrated(i) {
+                            if let Some(node) = nodes.pop() {
+                                mirror.table.insert(node.into_node(
+                                    mig.addr(i) / PAGE_SIZE,
+                                    Entry {
+                                        folio: backing,
+                                        offset: 0,
+                                        write,
+                                    },
+                                ));
+                            }
+                        }
+                    }
+                }
+                drop(mig);
+                start = next;
+            }
+        }
+        // Every page of the range must now be in device memory and mirrored.
+        let mut buf = bounce(npages)?;
+        if self.copy_out(addr, 0, npages, &mut buf)? != npages {
+            return Err(ENOENT);
+        }
+        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), buf.len())
+            .writer()
+            .write_slice(&buf)?;
+        cmd.cpages = npages as u64;
+        Ok(())
+    }
+
+    fn migrate_to_sys(&self, cmd: &mut Cmd) -> Result {
+        let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
+        let end = addr + npages * PAGE_SIZE;
+        let mm = self.mm_user(EINVAL)?;
+        let mmap = mm.mmap_read_lock();
+        let mut start = addr;
+        while start < end {
+            let vma = mmap.vma_lookup(start).ok_or(EINVAL)?;
+            if vma.flags() & kernel::mm::virt::flags::READ == 0 {
+                return Err(EINVAL);
+            }
+            let next = (start + MIGRATE_WINDOW * PAGE_SIZE).min(end).min(vma.end());
+            let mut mig = MigrateVma::setup(vma, start, next, self.device.owner.token(), Select::DEVICE_PRIVATE, None)?;
+            for i in 0..mig.npages() {
+                if !mig.src(i).is_migrate() {
+                    continue;
+                }
+                let Some(src) = mig.src_folio(i) else {
+                    continue;
+                };
+                let backing = DevPagemap::<Chunk>::of_folio(src, &self.device.owner)
+                    .and_then(|(chunk, index)| chunk.data().backing(index));
+                if self.take_fail_alloc() {
+                    return Err(ENOMEM);
+                }
+                let mut dst = LockedFolio::alloc(GFP_HIGHUSER_MOVABLE, 0)?;
+                match backing {
+                    Some(b) if dst.copy_from(&b).is_ok() => {}
+                    _ => dst.zero(),
+                }
+                mig.set_dst(i, dst)?;
+            }
+            mig.pages();
+            cmd.cpages += (0..mig.npages()).filter(|&i| mig.migrated(i)).count() as u64;
+            drop(mig);
+            start = next;
+        }
+        Ok(())
+    }
+
+    fn snapshot(&self, cmd: &mut Cmd) -> Result {
+        let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
+        let mm = self.mm_user(EINVAL)?;
+        let mut out = UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), npages).writer();
+        let owner = self.device.owner.token();
+        let mut done = 0;
+        while done < npages {
+            let n = (npages - done).min(FAULT_WINDOW);
+            let start = addr + done * PAGE_SIZE;
+            let notifier = KBox::pin_init(MmuIntervalNotifier::new(&mm, start, n * PAGE_SIZE, Snapshot), GFP_KERNEL)?;
+            let started = Instant::<Monotonic>::now();
+            let mut bytes = [0u8; FAULT_WINDOW];
+            loop {
+                if started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
+                    return Err(EBUSY);
+                }
+                let seq = notifier.read_begin();
+                let range = {
+                    let mmap = mm.mmap_read_lock();
+                    HmmRange::fault(&notifier, &mmap, seq, start, n, FaultFlags::SNAPSHOT, owner)
+                };
+                let range = match range {
+                    Err(e) if e == EBUSY => continue,
+                    r => r?,
+                };
+                let Some(valid) = range.lock_if_valid(&notifier) else {
+                    continue;
+                };
+                for (i, pfn) in range.pfns().iter().enumerate() {
+                    bytes[i] = if pfn.is_error() {
+                        prot::ERROR
+                    } else if !pfn.is_valid() {
+                        prot::NONE
+                    } else {
+                        let mut b = match range.folio(i, &valid) {
+                            Some(f) if f.is_device_private() => {
+                                if DevPagemap::<Chunk>::of_folio(&f, &self.device.owner).is_some() {
+                                    prot::DEV_PRIVATE_LOCAL
+                                } else {
+                                    prot::DEV_PRIVATE_REMOTE
+                                }
+                            }
+                            _ if pfn.is_zero_page() => prot::ZERO,
+                            _ => 0,
+                        };
+                        b |= if pfn.is_writable() { prot::WRITE } else { prot::READ };
+                        if pfn.map_order() == PMD_ORDER {
+                            b |= prot::PMD;
+                        }
+                        b
+                    };
+                }
+                break;
+            }
+            drop(notifier);
+            out.write_slice(&bytes[..n])?;
+            cmd.cpages += n as u64;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn check_exclusive(&self, _cmd: &mut Cmd) -> Result {
+        // No page is ever mapped device-exclusive by this driver yet.
+        Ok(())
+    }
+}
+
+#[vtable]
+impl MiscDevice for DmirrorFile {
+    type Ptr = Pin<KBox<Self>>;
+    type RegistrationData = Arc<Device>;
+
+    fn open(_file: &File, misc: &MiscDeviceRegistration<Self>) -> Result<Pin<KBox<Self>>> {
+        let device = misc.data().clone();
+        let task = kernel::current!();
+        let user_mm = task.mm().ok_or(EINVAL)?;
+        let mm_ref: ARef<Mm> = ARef::from(&**user_mm);
+        let table = Mirror { table: RBTree::new() };
+        let this = KBox::pin_init(
+            try_pin_init!(Self {
+                device,
+                mm: mm_ref,
+                flags: AtomicU64::new(0),
+                mirror <- MmuIntervalNotifier::new(user_mm, 0, usize::MAX & !(PAGE_SIZE - 1), table),
+            }),
+            GFP_KERNEL,
+        )?;
+        this.device.open();
+        Ok(this)
+    }
+
+    fn release(this: Pin<KBox<Self>>, _file: &File) {
+        let device = this.device.clone();
+        drop(this);
+        device.close();
+    }
+
+    fn ioctl(this: Pin<&Self>, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
+        match cmd {
+            uapi::READ
+            | uapi::WRITE
+            | uapi::MIGRATE_TO_DEV
+            | uapi::MIGRATE_TO_SYS
+            | uapi::SNAPSHOT
+            | uapi::EXCLUSIVE
+            | uapi::CHECK_EXCLUSIVE
+            | uapi::RELEASE
+            | uapi::FLAGS
+            | uapi::READ_UNLOCKED => {}
+            _ => return Err(ENOTTY),
+        }
+        let (mut reader, mut writer) = UserSlice::new(UserPtr::from_addr(arg), core::mem::size_of::<Cmd>()).reader_writer();
+        let mut c = Cmd {
+            addr: reader.read()?,
+            ptr: reader.read()?,
+            npages: reader.read()?,
+            cpages: 0,
+            faults: 0,
+        };
+        let _: u64 = reader.read()?;
+        let _: u64 = reader.read()?;
+        // Page-aligned, non-empty, no wrap-around: checked for every command, as the ABI does.
+        let len = c.npages.checked_mul(PAGE_SIZE as u64).ok_or(EINVAL)?;
+        if c.addr % PAGE_SIZE as u64 != 0 || c.npages == 0 || c.addr.checked_add(len).is_none_or(|e| e > usize::MAX as u64) {
+            return Err(EINVAL);
+        }
+        match cmd {
+            uapi::READ => this.read(&mut c, false)?,
+            uapi::READ_UNLOCKED => this.read(&mut c, true)?,
+            uapi::WRITE => this.write(&mut c)?,
+            uapi::MIGRATE_TO_DEV => this.migrate_to_dev(&mut c)?,
+            uapi::MIGRATE_TO_SYS => this.migrate_to_sys(&mut c)?,
+            uapi::SNAPSHOT => this.snapshot(&mut c)?,
+            uapi::CHECK_EXCLUSIVE => this.check_exclusive(&mut c)?,
+            uapi::RELEASE => this.device.release(),
+            uapi::FLAGS => this.flags.store(c.npages, Ordering::Relaxed),
+            _ => return Err(EOPNOTSUPP),
+        }
+        for v in [c.addr, c.ptr, c.npages, c.cpages, c.faults] {
+            writer.write(&v)?;
+        }
+        Ok(0)
+    }
+}
