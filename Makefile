@@ -57,6 +57,8 @@ canary: $(KERNEL_DEP)
 
 selftest: $(KERNEL_DEP)
 	$(ROOT)/scripts/build-selftest $(KSRC) $(KDIR) $(BUILD)/hmm-tests
+	gcc -O2 -static -Wall -Werror -I$(KSRC) -isystem $(KDIR)/usr/include \
+		-o $(BUILD)/dmirror_evict $(ROOT)/tests/guest/dmirror_evict.c
 
 tools:
 	cargo build --release --quiet -p dmirror-bench
@@ -64,7 +66,7 @@ tools:
 initramfs: module canary selftest
 	$(ROOT)/scripts/mkinitramfs $(KDIR) $(BUILD)/initramfs.cpio.gz \
 		$(ROOT)/dmirror.ko $(ROOT)/tests/canary/bench_canary.ko \
-		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests
+		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/dmirror_evict
 
 host-test:
 	cargo test --quiet --workspace

@@ -35,11 +35,14 @@ use kernel::{
 /// The size of a chunk of device memory.
 pub(crate) const CHUNK_SIZE: usize = 2 * SECTION_SIZE;
 
-/// The data of one chunk: the backing folio of every allocated device page.
+/// The backing folio of every allocated device page of a chunk, by page index.
+pub(crate) type BackingTable = SpinLock<KVVec<Option<ARef<Folio>>>>;
+
+/// The data of one chunk: its backing table, shared with mirror entries of its pages so that
+/// they can tell when a page went away.
 #[pin_data]
 pub(crate) struct Chunk {
-    #[pin]
-    backing: SpinLock<KVVec<Option<ARef<Folio>>>>,
+    backing: Arc<BackingTable>,
     owner: Arc<PagemapOwner<Chunk>>,
 }
 
@@ -51,15 +54,18 @@ impl Chunk {
         for _ in 0..npages {
             table.push(None, GFP_KERNEL)?;
         }
-        Ok(try_pin_init!(Self {
-            backing <- new_spinlock!(table, "dmirror::Chunk::backing"),
-            owner,
-        }))
+        let backing = Arc::pin_init(new_spinlock!(table, "dmirror::Chunk::backing"), GFP_KERNEL)?;
+        Ok(try_pin_init!(Self { backing, owner }))
     }
 
     /// Returns the backing folio of the device page at `index`, if it is allocated.
     pub(crate) fn backing(&self, index: usize) -> Option<ARef<Folio>> {
         self.backing.lock().get(index).cloned().flatten()
+    }
+
+    /// Returns the chunk's backing table.
+    pub(crate) fn table(&self) -> &Arc<BackingTable> {
+        &self.backing
     }
 
     fn set_backing(&self, index: usize, folio: ARef<Folio>) {
@@ -148,7 +154,7 @@ impl Device {
     pub(crate) fn alloc_pages(
         &self,
         n: usize,
-        mut f: impl FnMut(usize, &mut LockedFolio, DeviceFolio<'_, Chunk>) -> Result,
+        mut f: impl FnMut(usize, &mut LockedFolio, DeviceFolio<'_, Chunk>, &Arc<BackingTable>) -> Result,
     ) -> Result {
         let mut chunks = self.chunks.lock();
         for i in 0..n {
@@ -180,7 +186,8 @@ impl Device {
                 .pagemap()
                 .data()
                 .set_backing(folio.index(), ARef::from(backing.folio()));
-            f(i, &mut backing, folio)?;
+            let table = folio.pagemap().data().table().clone();
+            f(i, &mut backing, folio, &table)?;
         }
         Ok(())
     }

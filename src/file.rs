@@ -20,23 +20,24 @@
 //! takes this mutex.
 
 use crate::{
-    device::{Chunk, Device},
+    device::{BackingTable, Chunk, Device},
     uapi::{self, prot, Cmd},
 };
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::{
-    alloc::flags::{GFP_HIGHUSER_MOVABLE, GFP_KERNEL},
+    alloc::flags::{GFP_HIGHUSER_MOVABLE, GFP_KERNEL, __GFP_ZERO},
     fs::File,
     miscdevice::{MiscDevice, MiscDeviceRegistration},
     mm::{
         folio::Folio,
-        hmm::{FaultFlags, HmmRange},
-        memremap::{DevPagemap, PMD_ORDER},
+        hmm::{make_device_exclusive, FaultFlags, HmmRange},
+        memremap::{DevPagemap, PagemapOwner, PMD_ORDER},
         migrate::{LockedFolio, MigrateVma, Select},
-        mmu_notifier::{MmuIntervalNotifier, MmuIntervalNotifierOps, NotifierRange},
+        mmu_notifier::{MmuIntervalNotifier, MmuIntervalNotifierOps, NotifierEvent, NotifierRange},
+        virt::VmaNew,
         Mm, MmWithUser,
     },
-    page::PAGE_SIZE,
+    page::{Page, PAGE_SIZE},
     prelude::*,
     rbtree::{RBTree, RBTreeNodeReservation},
     sync::{aref::ARef, Arc},
@@ -61,23 +62,60 @@ struct Entry {
     offset: usize,
     /// Whether the CPU mapping was writable.
     write: bool,
+    /// Whether the page is mapped device-exclusive (atomic) for this device.
+    atomic: bool,
+    /// For a page in this device's memory: its chunk's backing table and index, to tell when
+    /// the page was migrated away (its backing is no longer `folio`).
+    device: Option<(Arc<BackingTable>, usize)>,
+}
+
+impl Entry {
+    /// Returns whether the entry still describes the page mapped at its address.
+    fn is_live(&self) -> bool {
+        match &self.device {
+            None => true,
+            Some((table, index)) => table
+                .lock()
+                .get(*index)
+                .and_then(|b| b.as_ref())
+                .is_some_and(|b| core::ptr::eq(&**b, &*self.folio)),
+        }
+    }
 }
 
 /// The device's view of the opener's address space, keyed by page index.
 struct Mirror {
     table: RBTree<usize, Entry>,
+    /// This device's memory owner.
+    owner: Arc<PagemapOwner<Chunk>>,
 }
 
-impl MmuIntervalNotifierOps for Mirror {
-    fn invalidate(state: &mut Self, range: &NotifierRange<'_>) {
-        let (first, end) = (range.start() / PAGE_SIZE, range.end().div_ceil(PAGE_SIZE));
-        let mut cursor = state.table.cursor_lower_bound_mut(&first);
+impl Mirror {
+    /// Removes the entries of pages `[first, end)` for which `which` returns true.
+    fn remove(&mut self, first: usize, end: usize, which: impl Fn(&Entry) -> bool) {
+        let mut cursor = self.table.cursor_lower_bound_mut(&first);
         while let Some(c) = cursor {
             if *c.current().0 >= end {
                 break;
             }
-            cursor = c.remove_current().0;
+            cursor = if which(c.current().1) {
+                c.remove_current().0
+            } else {
+                c.move_next()
+            };
         }
+    }
+}
+
+impl MmuIntervalNotifierOps for Mirror {
+    fn invalidate(state: &mut Self, range: &NotifierRange<'_>) {
+        // This device's own migrations update the mirror themselves (see `migrate_to_dev`,
+        // `migrate_to_sys`); entries of pages it migrates back on CPU faults go stale, which
+        // `Entry::is_live` detects.
+        if range.event() == NotifierEvent::Migrate && range.owner() == state.owner.token() {
+            return;
+        }
+        state.remove(range.start() / PAGE_SIZE, range.end().div_ceil(PAGE_SIZE), |_| true);
     }
 }
 
@@ -127,13 +165,27 @@ impl DmirrorFile {
 
     /// Maps a faulted folio to the folio holding its data: itself, or the backing of one of
     /// this device's pages.
-    fn data_folio(&self, folio: ARef<Folio>, pfn: usize) -> Option<(ARef<Folio>, usize)> {
+    fn data_folio(&self, folio: ARef<Folio>, pfn: usize, write: bool) -> Option<Entry> {
         if !folio.is_zone_device() {
             let offset = (pfn - folio.pfn()) * PAGE_SIZE;
-            return Some((folio, offset));
+            return Some(Entry {
+                folio,
+                offset,
+                write,
+                atomic: false,
+                device: None,
+            });
         }
         let (chunk, index) = DevPagemap::<Chunk>::of_folio(&folio, &self.device.owner)?;
-        chunk.data().backing(index + (pfn - folio.pfn())).map(|b| (b, 0))
+        let index = index + (pfn - folio.pfn());
+        let backing = chunk.data().backing(index)?;
+        Some(Entry {
+            folio: backing,
+            offset: 0,
+            write,
+            atomic: false,
+            device: Some((chunk.data().table().clone(), index)),
+        })
     }
 
     /// Faults `[start, end)` into the mirror, readable or writable.
@@ -191,17 +243,11 @@ impl DmirrorFile {
                 folios.push((folio, pfn.pfn(), pfn.is_writable()), GFP_KERNEL)?;
             }
             for (i, (folio, pfn, writable)) in folios.into_iter().enumerate() {
-                let Some((data, offset)) = self.data_folio(folio, pfn) else {
-                    return Err(EFAULT);
-                };
-                let node = nodes.pop().ok_or(ENOMEM)?.into_node(
-                    start / PAGE_SIZE + i,
-                    Entry {
-                        folio: data,
-                        offset,
-                        write: writable,
-                    },
-                );
+                let entry = self.data_folio(folio, pfn, writable).ok_or(EFAULT)?;
+                let node = nodes
+                    .pop()
+                    .ok_or(ENOMEM)?
+                    .into_node(start / PAGE_SIZE + i, entry);
                 mirror.table.insert(node);
             }
             return Ok(());
@@ -215,7 +261,7 @@ impl DmirrorFile {
         let mirror = self.mirror.lock();
         let base = addr / PAGE_SIZE;
         for i in first..npages {
-            let Some(entry) = mirror.table.get(&(base + i)) else {
+            let Some(entry) = mirror.table.get(&(base + i)).filter(|e| e.is_live()) else {
                 return Ok(i);
             };
             entry.folio.read(entry.offset, &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])?;
@@ -229,7 +275,7 @@ impl DmirrorFile {
         let mirror = self.mirror.lock();
         let base = addr / PAGE_SIZE;
         for i in first..npages {
-            let Some(entry) = mirror.table.get(&(base + i)).filter(|e| e.write) else {
+            let Some(entry) = mirror.table.get(&(base + i)).filter(|e| e.write && !e.atomic && e.is_live()) else {
                 return Ok(i);
             };
             let Some(mut guard) = entry.folio.try_lock() else {
@@ -298,6 +344,11 @@ impl DmirrorFile {
                     return Err(EINVAL);
                 }
                 let next = (start + MIGRATE_WINDOW * PAGE_SIZE).min(end).min(vma.end());
+                // The migration ignores its own invalidation: drop the entries it replaces
+                // (their references would also make the pages look pinned).
+                self.mirror.lock().remove(start / PAGE_SIZE, next / PAGE_SIZE, |e| {
+                    e.device.is_none() || !e.is_live()
+                });
                 let mut mig = MigrateVma::setup(vma, start, next, self.device.owner.token(), Select::SYSTEM, None)?;
                 let wanted: KVec<usize> = {
                     let mut v = KVec::new();
@@ -313,13 +364,20 @@ impl DmirrorFile {
                 if !wanted.is_empty() && !self.take_fail_alloc() {
                     let mut nodes = reserve(wanted.len())?;
                     let mut mapped = KVec::with_capacity(wanted.len(), GFP_KERNEL)?;
-                    let res = self.device.alloc_pages(wanted.len(), |k, backing, folio| {
+                    let res = self.device.alloc_pages(wanted.len(), |k, backing, folio, table| {
                         let i = wanted[k];
                         match mig.src_folio(i) {
                             Some(src) => backing.copy_from(src)?,
                             None => backing.zero(),
                         }
-                        mapped.push((i, ARef::from(backing.folio()), mig.src(i).is_write()), GFP_KERNEL)?;
+                        let entry = Entry {
+                            folio: ARef::from(backing.folio()),
+                            offset: 0,
+                            write: mig.src(i).is_write(),
+                            atomic: false,
+                            device: Some((table.clone(), folio.index())),
+                        };
+                        mapped.push((i, entry), GFP_KERNEL)?;
                         mig.set_dst(i, folio)
                     });
                     // Out of device memory: migrate what was allocated, leave the rest.
@@ -330,17 +388,10 @@ impl DmirrorFile {
                     }
                     mig.pages();
                     let mut mirror = self.mirror.lock();
-                    for (i, backing, write) in mapped {
+                    for (i, entry) in mapped {
                         if mig.migrated(i) {
                             if let Some(node) = nodes.pop() {
-                                mirror.table.insert(node.into_node(
-                                    mig.addr(i) / PAGE_SIZE,
-                                    Entry {
-                                        folio: backing,
-                                        offset: 0,
-                                        write,
-                                    },
-                                ));
+                                mirror.table.insert(node.into_node(mig.addr(i) / PAGE_SIZE, entry));
                             }
                         }
                     }
@@ -394,6 +445,13 @@ impl DmirrorFile {
                 mig.set_dst(i, dst)?;
             }
             mig.pages();
+            {
+                let mut mirror = self.mirror.lock();
+                for i in (0..mig.npages()).filter(|&i| mig.migrated(i)) {
+                    let page = mig.addr(i) / PAGE_SIZE;
+                    mirror.remove(page, page + 1, |_| true);
+                }
+            }
             cmd.cpages += (0..mig.npages()).filter(|&i| mig.migrated(i)).count() as u64;
             drop(mig);
             start = next;
@@ -463,8 +521,48 @@ impl DmirrorFile {
         Ok(())
     }
 
-    fn check_exclusive(&self, _cmd: &mut Cmd) -> Result {
-        // No page is ever mapped device-exclusive by this driver yet.
+    fn exclusive(&self, cmd: &mut Cmd) -> Result {
+        let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
+        let mm = self.mm_user(EINVAL)?;
+        {
+            let mmap = mm.mmap_read_lock();
+            for i in 0..npages {
+                let page_addr = addr + i * PAGE_SIZE;
+                let (folio, offset) = make_device_exclusive(&mmap, page_addr, core::ptr::null_mut())?;
+                let node = RBTreeNodeReservation::new(GFP_KERNEL)?;
+                // Taking exclusive access invalidated the page with no owner, which removed its
+                // entry; the new one marks it exclusive.
+                self.mirror.lock().table.insert(node.into_node(
+                    page_addr / PAGE_SIZE,
+                    Entry {
+                        folio,
+                        offset,
+                        write: true,
+                        atomic: true,
+                        device: None,
+                    },
+                ));
+            }
+        }
+        let mut buf = bounce(npages)?;
+        if self.copy_out(addr, 0, npages, &mut buf)? != npages {
+            return Err(ENOENT);
+        }
+        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), buf.len())
+            .writer()
+            .write_slice(&buf)?;
+        cmd.cpages = npages as u64;
+        Ok(())
+    }
+
+    fn check_exclusive(&self, cmd: &mut Cmd) -> Result {
+        let base = cmd.addr as usize / PAGE_SIZE;
+        let mirror = self.mirror.lock();
+        for i in 0..cmd.npages as usize {
+            if mirror.table.get(&(base + i)).is_some_and(|e| e.atomic) {
+                return Err(EPERM);
+            }
+        }
         Ok(())
     }
 }
@@ -479,7 +577,10 @@ impl MiscDevice for DmirrorFile {
         let task = kernel::current!();
         let user_mm = task.mm().ok_or(EINVAL)?;
         let mm_ref: ARef<Mm> = ARef::from(&**user_mm);
-        let table = Mirror { table: RBTree::new() };
+        let table = Mirror {
+            table: RBTree::new(),
+            owner: device.owner.clone(),
+        };
         let this = KBox::pin_init(
             try_pin_init!(Self {
                 device,
@@ -497,6 +598,19 @@ impl MiscDevice for DmirrorFile {
         let device = this.device.clone();
         drop(this);
         device.close();
+    }
+
+    /// Maps zeroed system pages: a VM_MIXEDMAP area the selftest snapshots.
+    fn mmap(_this: Pin<&Self>, _file: &File, vma: &VmaNew) -> Result {
+        let mixed = vma.set_mixedmap();
+        let mut addr = mixed.start();
+        while addr < mixed.end() {
+            let page = Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?;
+            // The page table takes its own reference; ours goes with `page`.
+            mixed.vm_insert_page(addr, &page)?;
+            addr += PAGE_SIZE;
+        }
+        Ok(())
     }
 
     fn ioctl(this: Pin<&Self>, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
@@ -535,6 +649,7 @@ impl MiscDevice for DmirrorFile {
             uapi::MIGRATE_TO_DEV => this.migrate_to_dev(&mut c)?,
             uapi::MIGRATE_TO_SYS => this.migrate_to_sys(&mut c)?,
             uapi::SNAPSHOT => this.snapshot(&mut c)?,
+            uapi::EXCLUSIVE => this.exclusive(&mut c)?,
             uapi::CHECK_EXCLUSIVE => this.check_exclusive(&mut c)?,
             uapi::RELEASE => this.device.release(),
             uapi::FLAGS => this.flags.store(c.npages, Ordering::Relaxed),
