@@ -69,7 +69,11 @@ impl Chunk {
     }
 
     fn set_backing(&self, index: usize, folio: ARef<Folio>) {
-        let old = self.backing.lock().get_mut(index).map(|slot| slot.replace(folio));
+        let old = self
+            .backing
+            .lock()
+            .get_mut(index)
+            .map(|slot| slot.replace(folio));
         drop(old);
     }
 }
@@ -77,7 +81,11 @@ impl Chunk {
 impl DevicePagemapOps for Chunk {
     fn folio_free(&self, folio: FreedFolio) {
         // Taken out under the lock, dropped after it.
-        let old = self.backing.lock().get_mut(folio.index()).and_then(Option::take);
+        let old = self
+            .backing
+            .lock()
+            .get_mut(folio.index())
+            .and_then(Option::take);
         drop(old);
     }
 

@@ -51,7 +51,10 @@ impl kernel::Module for Dmirror {
             )?;
             devices.push(reg, GFP_KERNEL)?;
         }
-        pr_info!("loaded: 2 device-private devices, up to {} MiB each\n", max_chunks as usize * (device::CHUNK_SIZE >> 20));
+        pr_info!(
+            "loaded: 2 device-private devices, up to {} MiB each\n",
+            max_chunks as usize * (device::CHUNK_SIZE >> 20)
+        );
         Ok(Dmirror { _devices: devices })
     }
 }

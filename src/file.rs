@@ -25,7 +25,7 @@ use crate::{
 };
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::{
-    alloc::flags::{GFP_HIGHUSER_MOVABLE, GFP_KERNEL, __GFP_ZERO},
+    alloc::flags::{__GFP_ZERO, GFP_HIGHUSER_MOVABLE, GFP_KERNEL},
     fs::File,
     miscdevice::{MiscDevice, MiscDeviceRegistration},
     mm::{
@@ -34,7 +34,7 @@ use kernel::{
         memremap::{DevPagemap, PagemapOwner, PMD_ORDER},
         migrate::{LockedFolio, MigrateVma, Select},
         mmu_notifier::{MmuIntervalNotifier, MmuIntervalNotifierOps, NotifierEvent, NotifierRange},
-        virt::VmaNew,
+        virt::{VmaNew, VmaRef},
         Mm, MmWithUser,
     },
     page::{Page, PAGE_SIZE},
@@ -115,7 +115,11 @@ impl MmuIntervalNotifierOps for Mirror {
         if range.event() == NotifierEvent::Migrate && range.owner() == state.owner.token() {
             return;
         }
-        state.remove(range.start() / PAGE_SIZE, range.end().div_ceil(PAGE_SIZE), |_| true);
+        state.remove(
+            range.start() / PAGE_SIZE,
+            range.end().div_ceil(PAGE_SIZE),
+            |_| true,
+        );
     }
 }
 
@@ -160,7 +164,10 @@ impl DmirrorFile {
 
     /// Takes the one-shot FAIL_ALLOC flag: true if the next allocation must fail.
     fn take_fail_alloc(&self) -> bool {
-        self.flags.fetch_and(!uapi::FLAG_FAIL_ALLOC, Ordering::Relaxed) & uapi::FLAG_FAIL_ALLOC != 0
+        self.flags
+            .fetch_and(!uapi::FLAG_FAIL_ALLOC, Ordering::Relaxed)
+            & uapi::FLAG_FAIL_ALLOC
+            != 0
     }
 
     /// Maps a faulted folio to the folio holding its data: itself, or the backing of one of
@@ -189,7 +196,14 @@ impl DmirrorFile {
     }
 
     /// Faults `[start, end)` into the mirror, readable or writable.
-    fn fault(&self, mm: &MmWithUser, start: usize, end: usize, write: bool, unlocked: bool) -> Result {
+    fn fault(
+        &self,
+        mm: &MmWithUser,
+        start: usize,
+        end: usize,
+        write: bool,
+        unlocked: bool,
+    ) -> Result {
         let flags = if write {
             FaultFlags::WRITE
         } else {
@@ -230,17 +244,20 @@ impl DmirrorFile {
                 Err(e) if e == EBUSY => continue,
                 r => r?,
             };
+            // Allocated before the mirror lock: reclaim invalidates, which takes that lock.
             let mut nodes = reserve(n)?;
+            let mut folios = KVec::with_capacity(n, GFP_KERNEL)?;
             let Some(mut mirror) = range.lock_if_valid(&self.mirror) else {
                 continue;
             };
-            let mut folios = KVec::with_capacity(n, GFP_KERNEL)?;
             for (i, pfn) in range.pfns().iter().enumerate() {
                 if pfn.is_error() || !pfn.is_valid() || (write && !pfn.is_writable()) {
                     return Err(EFAULT);
                 }
                 let folio = range.folio(i, &mirror).ok_or(EFAULT)?;
-                folios.push((folio, pfn.pfn(), pfn.is_writable()), GFP_KERNEL)?;
+                folios
+                    .push_within_capacity((folio, pfn.pfn(), pfn.is_writable()))
+                    .map_err(|_| ENOMEM)?;
             }
             for (i, (folio, pfn, writable)) in folios.into_iter().enumerate() {
                 let entry = self.data_folio(folio, pfn, writable).ok_or(EFAULT)?;
@@ -264,7 +281,9 @@ impl DmirrorFile {
             let Some(entry) = mirror.table.get(&(base + i)).filter(|e| e.is_live()) else {
                 return Ok(i);
             };
-            entry.folio.read(entry.offset, &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])?;
+            entry
+                .folio
+                .read(entry.offset, &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])?;
         }
         Ok(npages)
     }
@@ -275,7 +294,11 @@ impl DmirrorFile {
         let mirror = self.mirror.lock();
         let base = addr / PAGE_SIZE;
         for i in first..npages {
-            let Some(entry) = mirror.table.get(&(base + i)).filter(|e| e.write && !e.atomic && e.is_live()) else {
+            let Some(entry) = mirror
+                .table
+                .get(&(base + i))
+                .filter(|e| e.write && !e.atomic && e.is_live())
+            else {
                 return Ok(i);
             };
             let Some(mut guard) = entry.folio.try_lock() else {
@@ -284,6 +307,45 @@ impl DmirrorFile {
             guard.write(entry.offset, &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])?;
         }
         Ok(npages)
+    }
+
+    /// Runs `f(vma, start, next)` under the mmap read lock for each window of the range: at most
+    /// one page table, within one VMA, which must exist and be readable (`EINVAL`).
+    fn for_each_window(
+        &self,
+        mm: &MmWithUser,
+        addr: usize,
+        npages: usize,
+        mut f: impl FnMut(&VmaRef, usize, usize) -> Result,
+    ) -> Result {
+        let end = addr + npages * PAGE_SIZE;
+        let mmap = mm.mmap_read_lock();
+        let mut start = addr;
+        while start < end {
+            let vma = mmap.vma_lookup(start).ok_or(EINVAL)?;
+            if vma.flags() & kernel::mm::virt::flags::READ == 0 {
+                return Err(EINVAL);
+            }
+            let next = (start + MIGRATE_WINDOW * PAGE_SIZE).min(end).min(vma.end());
+            f(vma, start, next)?;
+            start = next;
+        }
+        Ok(())
+    }
+
+    /// Copies the mirror of the whole range to `cmd.ptr` without faulting: `ENOENT` if a page
+    /// is not mirrored (it did not reach the device).
+    fn read_back(&self, cmd: &mut Cmd) -> Result {
+        let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
+        let mut buf = bounce(npages)?;
+        if self.copy_out(addr, 0, npages, &mut buf)? != npages {
+            return Err(ENOENT);
+        }
+        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), buf.len())
+            .writer()
+            .write_slice(&buf)?;
+        cmd.cpages = npages as u64;
+        Ok(())
     }
 
     fn read(&self, cmd: &mut Cmd, unlocked: bool) -> Result {
@@ -296,7 +358,13 @@ impl DmirrorFile {
             if done == npages {
                 break;
             }
-            self.fault(&mm, addr + done * PAGE_SIZE, addr + npages * PAGE_SIZE, false, unlocked)?;
+            self.fault(
+                &mm,
+                addr + done * PAGE_SIZE,
+                addr + npages * PAGE_SIZE,
+                false,
+                unlocked,
+            )?;
             cmd.faults += 1;
         }
         UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), buf.len())
@@ -324,7 +392,13 @@ impl DmirrorFile {
             if done == before && started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
                 return Err(EBUSY);
             }
-            self.fault(&mm, addr + done * PAGE_SIZE, addr + npages * PAGE_SIZE, true, false)?;
+            self.fault(
+                &mm,
+                addr + done * PAGE_SIZE,
+                addr + npages * PAGE_SIZE,
+                true,
+                false,
+            )?;
             cmd.faults += 1;
         }
         cmd.cpages = npages as u64;
@@ -333,38 +407,40 @@ impl DmirrorFile {
 
     fn migrate_to_dev(&self, cmd: &mut Cmd) -> Result {
         let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
-        let end = addr + npages * PAGE_SIZE;
         let mm = self.mm_user(EINVAL)?;
-        {
-            let mmap = mm.mmap_read_lock();
-            let mut start = addr;
-            while start < end {
-                let vma = mmap.vma_lookup(start).ok_or(EINVAL)?;
-                if vma.flags() & kernel::mm::virt::flags::READ == 0 {
-                    return Err(EINVAL);
-                }
-                let next = (start + MIGRATE_WINDOW * PAGE_SIZE).min(end).min(vma.end());
-                // The migration ignores its own invalidation: drop the entries it replaces
-                // (their references would also make the pages look pinned).
-                self.mirror.lock().remove(start / PAGE_SIZE, next / PAGE_SIZE, |e| {
+        self.for_each_window(&mm, addr, npages, |vma, start, next| {
+            // The migration ignores its own invalidation: drop the entries it replaces
+            // (their references would also make the pages look pinned).
+            self.mirror
+                .lock()
+                .remove(start / PAGE_SIZE, next / PAGE_SIZE, |e| {
                     e.device.is_none() || !e.is_live()
                 });
-                let mut mig = MigrateVma::setup(vma, start, next, self.device.owner.token(), Select::SYSTEM, None)?;
-                let wanted: KVec<usize> = {
-                    let mut v = KVec::new();
-                    for i in 0..mig.npages() {
-                        let src = mig.src(i);
-                        let system = mig.src_folio(i).is_none_or(|f| !f.is_zone_device());
-                        if src.is_migrate() && system {
-                            v.push(i, GFP_KERNEL)?;
-                        }
+            let mut mig = MigrateVma::setup(
+                vma,
+                start,
+                next,
+                self.device.owner.token(),
+                Select::SYSTEM,
+                None,
+            )?;
+            let wanted: KVec<usize> = {
+                let mut v = KVec::new();
+                for i in 0..mig.npages() {
+                    let src = mig.src(i);
+                    let system = mig.src_folio(i).is_none_or(|f| !f.is_zone_device());
+                    if src.is_migrate() && system {
+                        v.push(i, GFP_KERNEL)?;
                     }
-                    v
-                };
-                if !wanted.is_empty() && !self.take_fail_alloc() {
-                    let mut nodes = reserve(wanted.len())?;
-                    let mut mapped = KVec::with_capacity(wanted.len(), GFP_KERNEL)?;
-                    let res = self.device.alloc_pages(wanted.len(), |k, backing, folio, table| {
+                }
+                v
+            };
+            if !wanted.is_empty() && !self.take_fail_alloc() {
+                let mut nodes = reserve(wanted.len())?;
+                let mut mapped = KVec::with_capacity(wanted.len(), GFP_KERNEL)?;
+                let res = self
+                    .device
+                    .alloc_pages(wanted.len(), |k, backing, folio, table| {
                         let i = wanted[k];
                         match mig.src_folio(i) {
                             Some(src) => backing.copy_from(src)?,
@@ -380,51 +456,43 @@ impl DmirrorFile {
                         mapped.push((i, entry), GFP_KERNEL)?;
                         mig.set_dst(i, folio)
                     });
-                    // Out of device memory: migrate what was allocated, leave the rest.
-                    if let Err(e) = res {
-                        if e != ENOMEM {
-                            return Err(e);
-                        }
+                // Out of device memory: migrate what was allocated, leave the rest.
+                if let Err(e) = res {
+                    if e != ENOMEM {
+                        return Err(e);
                     }
-                    mig.pages();
-                    let mut mirror = self.mirror.lock();
-                    for (i, entry) in mapped {
-                        if mig.migrated(i) {
-                            if let Some(node) = nodes.pop() {
-                                mirror.table.insert(node.into_node(mig.addr(i) / PAGE_SIZE, entry));
-                            }
+                }
+                mig.pages();
+                let mut mirror = self.mirror.lock();
+                for (i, entry) in mapped {
+                    if mig.migrated(i) {
+                        if let Some(node) = nodes.pop() {
+                            mirror
+                                .table
+                                .insert(node.into_node(mig.addr(i) / PAGE_SIZE, entry));
                         }
                     }
                 }
-                drop(mig);
-                start = next;
             }
-        }
+            Ok(())
+        })?;
         // Every page of the range must now be in device memory and mirrored.
-        let mut buf = bounce(npages)?;
-        if self.copy_out(addr, 0, npages, &mut buf)? != npages {
-            return Err(ENOENT);
-        }
-        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), buf.len())
-            .writer()
-            .write_slice(&buf)?;
-        cmd.cpages = npages as u64;
-        Ok(())
+        self.read_back(cmd)
     }
 
     fn migrate_to_sys(&self, cmd: &mut Cmd) -> Result {
         let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
-        let end = addr + npages * PAGE_SIZE;
         let mm = self.mm_user(EINVAL)?;
-        let mmap = mm.mmap_read_lock();
-        let mut start = addr;
-        while start < end {
-            let vma = mmap.vma_lookup(start).ok_or(EINVAL)?;
-            if vma.flags() & kernel::mm::virt::flags::READ == 0 {
-                return Err(EINVAL);
-            }
-            let next = (start + MIGRATE_WINDOW * PAGE_SIZE).min(end).min(vma.end());
-            let mut mig = MigrateVma::setup(vma, start, next, self.device.owner.token(), Select::DEVICE_PRIVATE, None)?;
+        let mut migrated = 0;
+        self.for_each_window(&mm, addr, npages, |vma, start, next| {
+            let mut mig = MigrateVma::setup(
+                vma,
+                start,
+                next,
+                self.device.owner.token(),
+                Select::DEVICE_PRIVATE,
+                None,
+            )?;
             for i in 0..mig.npages() {
                 if !mig.src(i).is_migrate() {
                     continue;
@@ -452,10 +520,10 @@ impl DmirrorFile {
                     mirror.remove(page, page + 1, |_| true);
                 }
             }
-            cmd.cpages += (0..mig.npages()).filter(|&i| mig.migrated(i)).count() as u64;
-            drop(mig);
-            start = next;
-        }
+            migrated += (0..mig.npages()).filter(|&i| mig.migrated(i)).count() as u64;
+            Ok(())
+        })?;
+        cmd.cpages = migrated;
         Ok(())
     }
 
@@ -468,7 +536,10 @@ impl DmirrorFile {
         while done < npages {
             let n = (npages - done).min(FAULT_WINDOW);
             let start = addr + done * PAGE_SIZE;
-            let notifier = KBox::pin_init(MmuIntervalNotifier::new(&mm, start, n * PAGE_SIZE, Snapshot), GFP_KERNEL)?;
+            let notifier = KBox::pin_init(
+                MmuIntervalNotifier::new(&mm, start, n * PAGE_SIZE, Snapshot),
+                GFP_KERNEL,
+            )?;
             let started = Instant::<Monotonic>::now();
             let mut bytes = [0u8; FAULT_WINDOW];
             loop {
@@ -504,7 +575,11 @@ impl DmirrorFile {
                             _ if pfn.is_zero_page() => prot::ZERO,
                             _ => 0,
                         };
-                        b |= if pfn.is_writable() { prot::WRITE } else { prot::READ };
+                        b |= if pfn.is_writable() {
+                            prot::WRITE
+                        } else {
+                            prot::READ
+                        };
                         if pfn.map_order() == PMD_ORDER {
                             b |= prot::PMD;
                         }
@@ -528,7 +603,8 @@ impl DmirrorFile {
             let mmap = mm.mmap_read_lock();
             for i in 0..npages {
                 let page_addr = addr + i * PAGE_SIZE;
-                let (folio, offset) = make_device_exclusive(&mmap, page_addr, core::ptr::null_mut())?;
+                let (folio, offset) =
+                    make_device_exclusive(&mmap, page_addr, core::ptr::null_mut())?;
                 let node = RBTreeNodeReservation::new(GFP_KERNEL)?;
                 // Taking exclusive access invalidated the page with no owner, which removed its
                 // entry; the new one marks it exclusive.
@@ -544,15 +620,7 @@ impl DmirrorFile {
                 ));
             }
         }
-        let mut buf = bounce(npages)?;
-        if self.copy_out(addr, 0, npages, &mut buf)? != npages {
-            return Err(ENOENT);
-        }
-        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), buf.len())
-            .writer()
-            .write_slice(&buf)?;
-        cmd.cpages = npages as u64;
-        Ok(())
+        self.read_back(cmd)
     }
 
     fn check_exclusive(&self, cmd: &mut Cmd) -> Result {
@@ -627,7 +695,8 @@ impl MiscDevice for DmirrorFile {
             | uapi::READ_UNLOCKED => {}
             _ => return Err(ENOTTY),
         }
-        let (mut reader, mut writer) = UserSlice::new(UserPtr::from_addr(arg), core::mem::size_of::<Cmd>()).reader_writer();
+        let (mut reader, mut writer) =
+            UserSlice::new(UserPtr::from_addr(arg), core::mem::size_of::<Cmd>()).reader_writer();
         let mut c = Cmd {
             addr: reader.read()?,
             ptr: reader.read()?,
@@ -639,7 +708,12 @@ impl MiscDevice for DmirrorFile {
         let _: u64 = reader.read()?;
         // Page-aligned, non-empty, no wrap-around: checked for every command, as the ABI does.
         let len = c.npages.checked_mul(PAGE_SIZE as u64).ok_or(EINVAL)?;
-        if c.addr % PAGE_SIZE as u64 != 0 || c.npages == 0 || c.addr.checked_add(len).is_none_or(|e| e > usize::MAX as u64) {
+        if c.addr % PAGE_SIZE as u64 != 0
+            || c.npages == 0
+            || c.addr
+                .checked_add(len)
+                .is_none_or(|e| e > usize::MAX as u64)
+        {
             return Err(EINVAL);
         }
         match cmd {

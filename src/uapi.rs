@@ -4,7 +4,8 @@
 
 use kernel::ioctl::_IOWR;
 
-/// The command block of every ioctl (`struct hmm_dmirror_cmd`).
+/// The command block of every ioctl (`struct hmm_dmirror_cmd`), read and written field by
+/// field as `u64`s.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Cmd {
@@ -21,12 +22,6 @@ pub(crate) struct Cmd {
 }
 
 const _: () = assert!(core::mem::size_of::<Cmd>() == 40);
-
-// SAFETY: `Cmd` is plain `u64`s with no padding: any bit pattern is valid and it has no
-// uninitialised bytes.
-unsafe impl kernel::transmute::FromBytes for Cmd {}
-// SAFETY: As above.
-unsafe impl kernel::transmute::AsBytes for Cmd {}
 
 const TYPE: u32 = b'H' as u32;
 
