@@ -3,7 +3,7 @@
 #   make demo      set up, build, boot, load dmirror, show it working
 #   make test      every test: host unit tests, then the VM suites
 #   make kernel    build (or reuse) the cached kernel ($KERNEL_FLAVOUR)
-#   make / make module, make clippy, make rust-analyzer
+#   make / make module, make clippy, make rust-analyzer, make checkpatch
 #
 # KDIR=<build tree> builds the module against another Rust-enabled kernel.
 
@@ -33,7 +33,7 @@ KMAKE = $(MAKE) -C $(KDIR) LLVM=-19 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdo
 	BINDGEN=$(HOME)/.cargo/bin/bindgen
 
 .PHONY: all module clippy rust-analyzer kernel setup canary selftest tools \
-	initramfs demo test host-test clean
+	initramfs demo test host-test checkpatch clean
 
 all: module
 
@@ -70,6 +70,13 @@ initramfs: module canary selftest
 
 host-test:
 	cargo test --quiet --workspace
+
+# Each patch on its own, from outside any git tree (checkpatch consults git).
+checkpatch: $(KERNEL_DEP)
+	@cd /tmp && rc=0 && for p in $(ROOT)/patches/*.patch; do \
+		echo "$$(basename "$$p"):"; \
+		$(KSRC)/scripts/checkpatch.pl --no-tree --quiet --ignore FILE_PATH_CHANGES "$$p" || rc=1; \
+	done; exit $$rc
 
 demo: initramfs tools
 	$(BENCH) run --plan demo --kernel $(KDIR)/arch/x86/boot/bzImage \
