@@ -17,6 +17,8 @@ TIMEOUT ?= 2400
 INJECT ?=
 BENCH_ARGS := $(if $(INJECT),--append dmirror.inject=$(INJECT))
 BENCH := $(ROOT)/target/release/dmirror-bench
+comma := ,
+space := $(subst ,, )
 
 # The kernel tree: the cached bench kernel unless KDIR is given.
 ifeq ($(origin KDIR),undefined)
@@ -33,7 +35,7 @@ KMAKE = $(MAKE) -C $(KDIR) LLVM=-19 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdo
 	BINDGEN=$(HOME)/.cargo/bin/bindgen
 
 .PHONY: all module clippy rust-analyzer kernel setup canary selftest tools \
-	initramfs demo test host-test checkpatch clean
+	initramfs demo test check-dmirror host-test checkpatch clean
 
 all: module
 
@@ -86,6 +88,12 @@ test: host-test initramfs tools
 	$(BENCH) run --plan test --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS)
+
+# For iterating on the driver: its suites only; HMM="-t NAME ..." filters hmm-tests.
+check-dmirror: initramfs tools
+	$(BENCH) run --plan dmirror --kernel $(KDIR)/arch/x86/boot/bzImage \
+		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
+		$(if $(HMM),--append dmirror.hmm=$(subst $(space),$(comma),$(strip $(HMM))))
 
 clean:
 	-$(KMAKE) M=$(ROOT) clean

@@ -20,19 +20,19 @@
 //! takes this mutex.
 
 use crate::{
-    device::{BackingTable, Chunk, Device},
+    device::{to_system, BackingTable, Chunk, Device},
     uapi::{self, prot, Cmd},
 };
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::{
-    alloc::flags::{__GFP_ZERO, GFP_HIGHUSER_MOVABLE, GFP_KERNEL},
+    alloc::flags::{__GFP_ZERO, GFP_KERNEL},
     fs::File,
     miscdevice::{MiscDevice, MiscDeviceRegistration},
     mm::{
         folio::Folio,
         hmm::{make_device_exclusive, FaultFlags, HmmRange},
-        memremap::{DevPagemap, PagemapOwner, PMD_ORDER},
-        migrate::{LockedFolio, MigrateVma, Select},
+        memremap::{DevPagemap, DeviceFolio, PagemapOwner, PMD_ORDER},
+        migrate::{LockedFolio, MigrateVma, Select, COMPOUND_PAGES},
         mmu_notifier::{MmuIntervalNotifier, MmuIntervalNotifierOps, NotifierEvent, NotifierRange},
         virt::{VmaNew, VmaRef},
         Mm, MmWithUser,
@@ -51,8 +51,8 @@ const FAULT_TIMEOUT_MS: i64 = 1000;
 /// Pages faulted per `hmm_range_fault()` call.
 const FAULT_WINDOW: usize = 64;
 
-/// Pages migrated per `migrate_vma` call (one page table).
-const MIGRATE_WINDOW: usize = 512;
+/// Bytes migrated per `migrate_vma` call: one page table, PMD-aligned.
+const MIGRATE_WINDOW_SIZE: usize = COMPOUND_PAGES * PAGE_SIZE;
 
 /// One mirrored page.
 struct Entry {
@@ -78,7 +78,7 @@ impl Entry {
                 .lock()
                 .get(*index)
                 .and_then(|b| b.as_ref())
-                .is_some_and(|b| core::ptr::eq(&**b, &*self.folio)),
+                .is_some_and(|b| core::ptr::eq(&*b.folio, &*self.folio)),
         }
     }
 }
@@ -187,8 +187,8 @@ impl DmirrorFile {
         let index = index + (pfn - folio.pfn());
         let backing = chunk.data().backing(index)?;
         Some(Entry {
-            folio: backing,
-            offset: 0,
+            folio: backing.folio,
+            offset: backing.page * PAGE_SIZE,
             write,
             atomic: false,
             device: Some((chunk.data().table().clone(), index)),
@@ -326,7 +326,10 @@ impl DmirrorFile {
             if vma.flags() & kernel::mm::virt::flags::READ == 0 {
                 return Err(EINVAL);
             }
-            let next = (start + MIGRATE_WINDOW * PAGE_SIZE).min(end).min(vma.end());
+            // Windows end on PMD boundaries, so that huge pages migrate whole.
+            let next = ((start / MIGRATE_WINDOW_SIZE + 1) * MIGRATE_WINDOW_SIZE)
+                .min(end)
+                .min(vma.end());
             f(vma, start, next)?;
             start = next;
         }
@@ -421,63 +424,119 @@ impl DmirrorFile {
                 start,
                 next,
                 self.device.owner.token(),
-                Select::SYSTEM,
+                Select::SYSTEM | Select::COMPOUND,
                 None,
             )?;
-            let wanted: KVec<usize> = {
-                let mut v = KVec::new();
-                for i in 0..mig.npages() {
-                    let src = mig.src(i);
-                    let system = mig.src_folio(i).is_none_or(|f| !f.is_zone_device());
-                    if src.is_migrate() && system {
-                        v.push(i, GFP_KERNEL)?;
-                    }
-                }
-                v
+            let wanted = |i: usize| {
+                mig.src(i).is_migrate() && mig.src_folio(i).is_none_or(|f| !f.is_zone_device())
             };
-            if !wanted.is_empty() && !self.take_fail_alloc() {
-                let mut nodes = reserve(wanted.len())?;
-                let mut mapped = KVec::with_capacity(wanted.len(), GFP_KERNEL)?;
-                let res = self
-                    .device
-                    .alloc_pages(wanted.len(), |k, backing, folio, table| {
-                        let i = wanted[k];
-                        match mig.src_folio(i) {
-                            Some(src) => backing.copy_from(src)?,
-                            None => backing.zero(),
-                        }
-                        let entry = Entry {
-                            folio: ARef::from(backing.folio()),
-                            offset: 0,
-                            write: mig.src(i).is_write(),
-                            atomic: false,
-                            device: Some((table.clone(), folio.index())),
-                        };
-                        mapped.push((i, entry), GFP_KERNEL)?;
-                        mig.set_dst(i, folio)
-                    });
-                // Out of device memory: migrate what was allocated, leave the rest.
-                if let Err(e) = res {
-                    if e != ENOMEM {
-                        return Err(e);
-                    }
-                }
-                mig.pages();
-                let mut mirror = self.mirror.lock();
-                for (i, entry) in mapped {
-                    if mig.migrated(i) {
-                        if let Some(node) = nodes.pop() {
-                            mirror
-                                .table
-                                .insert(node.into_node(mig.addr(i) / PAGE_SIZE, entry));
-                        }
+            let npages_wanted: usize = (0..mig.npages())
+                .filter(|&i| wanted(i))
+                .map(|i| mig.span(i))
+                .sum();
+            if npages_wanted == 0 {
+                return Ok(());
+            }
+            let mut nodes = reserve(npages_wanted)?;
+            let mut mapped = KVec::with_capacity(npages_wanted, GFP_KERNEL)?;
+            // Out of device memory: migrate what was allocated, then report it.
+            let res = self.to_device(&mut mig, &mut mapped);
+            if res.is_err_and(|e| e != ENOMEM) {
+                return res;
+            }
+            mig.pages();
+            let mut mirror = self.mirror.lock();
+            for (i, entry) in mapped {
+                if mig.migrated(i) {
+                    if let Some(node) = nodes.pop() {
+                        mirror
+                            .table
+                            .insert(node.into_node(mig.addr(i) / PAGE_SIZE, entry));
                     }
                 }
             }
-            Ok(())
+            res
         })?;
         // Every page of the range must now be in device memory and mirrored.
         self.read_back(cmd)
+    }
+
+    /// Gives every migratable system page of `mig` a device destination holding its data: a
+    /// device folio of the source's order, or one page each when that fails (the device is
+    /// out of large runs, a large backing folio cannot be had, or FAIL_ALLOC). Collects the
+    /// mirror entries of the destinations in `mapped`, by migration entry.
+    fn to_device(&self, mig: &mut MigrateVma<'_>, mapped: &mut KVec<(usize, Entry)>) -> Result {
+        let mut i = 0;
+        while i < mig.npages() {
+            let span = mig.span(i);
+            let system = mig.src_folio(i).is_none_or(|f| !f.is_zone_device());
+            if !mig.src(i).is_migrate() || !system {
+                i += span;
+                continue;
+            }
+            let fail = self.take_fail_alloc();
+            if span > 1 && !fail {
+                let res = self.device.alloc(PMD_ORDER, |folio, backing, table| {
+                    match mig.source(i) {
+                        Some((src, 0)) if src.nr_pages() == span => backing.copy_from(src)?,
+                        Some((src, first)) => {
+                            for k in 0..span {
+                                backing.copy_page_from(k, src, first + k)?;
+                            }
+                        }
+                        None => backing.zero(),
+                    }
+                    for k in 0..span {
+                        let entry = Self::device_entry(mig, i, &folio, backing, table, k);
+                        mapped.push((i + k, entry), GFP_KERNEL)?;
+                    }
+                    mig.set_dst(i, folio)
+                });
+                match res {
+                    Ok(()) => {
+                        i += span;
+                        continue;
+                    }
+                    Err(e) if e == ENOMEM => {}
+                    Err(e) => return Err(e),
+                }
+            } else if fail && span == 1 {
+                // The failed allocation leaves this page in system memory.
+                i += span;
+                continue;
+            }
+            for k in 0..span {
+                self.device.alloc(0, |folio, backing, table| {
+                    match mig.source(i + k) {
+                        Some((src, page)) => backing.copy_page_from(0, src, page)?,
+                        None => backing.zero(),
+                    }
+                    let entry = Self::device_entry(mig, i, &folio, backing, table, 0);
+                    mapped.push((i + k, entry), GFP_KERNEL)?;
+                    mig.set_dst(i + k, folio)
+                })?;
+            }
+            i += span;
+        }
+        Ok(())
+    }
+
+    /// The mirror entry of page `k` of a new device folio for migration entry `i`.
+    fn device_entry(
+        mig: &MigrateVma<'_>,
+        i: usize,
+        folio: &DeviceFolio<'_, Chunk>,
+        backing: &LockedFolio,
+        table: &Arc<BackingTable>,
+        k: usize,
+    ) -> Entry {
+        Entry {
+            folio: ARef::from(backing.folio()),
+            offset: k * PAGE_SIZE,
+            write: mig.src(i).is_write(),
+            atomic: false,
+            device: Some((table.clone(), folio.index() + k)),
+        }
     }
 
     fn migrate_to_sys(&self, cmd: &mut Cmd) -> Result {
@@ -490,37 +549,17 @@ impl DmirrorFile {
                 start,
                 next,
                 self.device.owner.token(),
-                Select::DEVICE_PRIVATE,
+                Select::DEVICE_PRIVATE | Select::COMPOUND,
                 None,
             )?;
-            for i in 0..mig.npages() {
-                if !mig.src(i).is_migrate() {
-                    continue;
-                }
-                let Some(src) = mig.src_folio(i) else {
-                    continue;
-                };
-                let backing = DevPagemap::<Chunk>::of_folio(src, &self.device.owner)
-                    .and_then(|(chunk, index)| chunk.data().backing(index));
-                if self.take_fail_alloc() {
-                    return Err(ENOMEM);
-                }
-                let mut dst = LockedFolio::alloc(GFP_HIGHUSER_MOVABLE, 0)?;
-                match backing {
-                    Some(b) if dst.copy_from(&b).is_ok() => {}
-                    _ => dst.zero(),
-                }
-                mig.set_dst(i, dst)?;
-            }
+            to_system(&mut mig, &self.device.owner, || self.take_fail_alloc())?;
             mig.pages();
-            {
-                let mut mirror = self.mirror.lock();
-                for i in (0..mig.npages()).filter(|&i| mig.migrated(i)) {
-                    let page = mig.addr(i) / PAGE_SIZE;
-                    mirror.remove(page, page + 1, |_| true);
-                }
+            let mut mirror = self.mirror.lock();
+            for i in (0..mig.npages()).filter(|&i| mig.migrated(i)) {
+                let page = mig.addr(i) / PAGE_SIZE;
+                mirror.remove(page, page + 1, |_| true);
+                migrated += 1;
             }
-            migrated += (0..mig.npages()).filter(|&i| mig.migrated(i)).count() as u64;
             Ok(())
         })?;
         cmd.cpages = migrated;
