@@ -15,7 +15,7 @@ BUILD := $(ROOT)/build/$(KERNEL_FLAVOUR)
 TIMEOUT ?= 2400
 # INJECT=warn adds a suite whose kernel warning must fail the run.
 INJECT ?=
-BENCH_ARGS := $(if $(INJECT),--append dmirror.inject=$(INJECT))
+BENCH_ARGS := --append dmirror.flavour=$(KERNEL_FLAVOUR) $(if $(INJECT),--append dmirror.inject=$(INJECT))
 BENCH := $(ROOT)/target/release/dmirror-bench
 comma := ,
 space := $(subst ,, )
@@ -93,7 +93,7 @@ test: host-test initramfs tools
 check-dmirror: initramfs tools
 	$(BENCH) run --plan dmirror --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
-		$(if $(HMM),--append dmirror.hmm=$(subst $(space),$(comma),$(strip $(HMM))))
+		$(BENCH_ARGS) $(if $(HMM),--append dmirror.hmm=$(subst $(space),$(comma),$(strip $(HMM))))
 
 clean:
 	-$(KMAKE) M=$(ROOT) clean

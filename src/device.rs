@@ -222,6 +222,7 @@ impl DevicePagemapOps for Chunk {
         if to_system(&mut mig, &self.owner, || false).is_err() {
             return VmFaultCode::OOM;
         }
+        // Migrated, then finalised as the result drops.
         mig.pages();
         VmFaultCode::NONE
     }

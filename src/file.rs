@@ -444,7 +444,7 @@ impl DmirrorFile {
             if res.is_err_and(|e| e != ENOMEM) {
                 return res;
             }
-            mig.pages();
+            let mig = mig.pages();
             let mut mirror = self.mirror.lock();
             for (i, entry) in mapped {
                 if mig.migrated(i) {
@@ -553,7 +553,7 @@ impl DmirrorFile {
                 None,
             )?;
             to_system(&mut mig, &self.device.owner, || self.take_fail_alloc())?;
-            mig.pages();
+            let mig = mig.pages();
             let mut mirror = self.mirror.lock();
             for i in (0..mig.npages()).filter(|&i| mig.migrated(i)) {
                 let page = mig.addr(i) / PAGE_SIZE;
@@ -642,8 +642,7 @@ impl DmirrorFile {
             let mmap = mm.mmap_read_lock();
             for i in 0..npages {
                 let page_addr = addr + i * PAGE_SIZE;
-                let (folio, offset) =
-                    make_device_exclusive(&mmap, page_addr, core::ptr::null_mut())?;
+                let (folio, offset) = make_device_exclusive::<Chunk>(&mmap, page_addr, None)?;
                 let node = RBTreeNodeReservation::new(GFP_KERNEL)?;
                 // Taking exclusive access invalidated the page with no owner, which removed its
                 // entry; the new one marks it exclusive.
