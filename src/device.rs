@@ -2,10 +2,12 @@
 
 //! A simulated device and its memory.
 //!
-//! Device memory is a list of chunks, each a [`DevPagemap`] of [`CHUNK_SIZE`] bytes of
-//! device-private address space registered on demand, up to the `max_chunks` module parameter.
-//! A device page has no storage of its own: its contents live in a system folio, its
-//! *backing*, kept in the chunk's table at the page's index while the page is allocated.
+//! Device memory is a list of chunks, each a [`DevPagemap`] registered on demand. A
+//! device-private device has chunks of [`CHUNK_SIZE`] bytes of free physical address space, up
+//! to the `max_chunks` module parameter. A device-private page has no storage of its own: its
+//! contents live in a system folio, its *backing*, kept in the chunk's table at the page's
+//! index while the page is allocated. A device-coherent device carves its chunks, in order, out
+//! of a firmware-reserved range of real memory; its pages hold their data themselves.
 //!
 //! # Locking
 //!
@@ -46,6 +48,14 @@ pub(crate) struct Backing {
 /// The backing of every allocated device page of a chunk, by page index.
 pub(crate) type BackingTable = SpinLock<KVVec<Option<Backing>>>;
 
+/// Where the data of a new device folio goes.
+pub(crate) enum Storage<'a> {
+    /// Device-private memory: into its backing system folio, recorded in the chunk's table.
+    Backing(&'a mut LockedFolio, &'a Arc<BackingTable>),
+    /// Device-coherent memory: into the device folio itself.
+    Direct,
+}
+
 /// Allocates a locked system folio; large ones are opportunistic (callers fall back to pages).
 pub(crate) fn alloc_system(order: u32) -> Result<LockedFolio> {
     let flags = if order > 0 {
@@ -60,16 +70,22 @@ pub(crate) fn alloc_system(order: u32) -> Result<LockedFolio> {
 /// they can tell when a page went away.
 #[pin_data]
 pub(crate) struct Chunk {
+    /// Empty for coherent memory.
     backing: Arc<BackingTable>,
+    coherent: bool,
     owner: Arc<PagemapOwner<Chunk>>,
     /// Large device folios the core split into pages.
     splits: AtomicUsize,
 }
 
 impl Chunk {
-    fn new(owner: &Arc<PagemapOwner<Chunk>>) -> Result<impl PinInit<Self, Error>> {
+    fn new(
+        owner: &Arc<PagemapOwner<Chunk>>,
+        size: usize,
+        coherent: bool,
+    ) -> Result<impl PinInit<Self, Error>> {
         let owner = owner.clone();
-        let npages = CHUNK_SIZE / PAGE_SIZE;
+        let npages = if coherent { 0 } else { size / PAGE_SIZE };
         let mut table = KVVec::with_capacity(npages, GFP_KERNEL)?;
         for _ in 0..npages {
             table.push(None, GFP_KERNEL)?;
@@ -77,6 +93,7 @@ impl Chunk {
         let backing = Arc::pin_init(new_spinlock!(table, "dmirror::Chunk::backing"), GFP_KERNEL)?;
         Ok(try_pin_init!(Self {
             backing,
+            coherent,
             owner,
             splits: AtomicUsize::new(0),
         }))
@@ -110,9 +127,22 @@ impl Chunk {
     }
 
     /// Copies the data of the device pages from `index` on into `dst`, one page of `dst` each;
-    /// a page without backing reads as zeroes.
-    pub(crate) fn copy_to(&self, index: usize, dst: &mut LockedFolio) {
+    /// a page without backing reads as zeroes. `src` is the device folio holding page `index`
+    /// as its page `first`: coherent memory is read there.
+    pub(crate) fn copy_to(&self, index: usize, src: &Folio, first: usize, dst: &mut LockedFolio) {
         let nr = dst.folio().nr_pages();
+        if self.coherent {
+            if first == 0 && src.nr_pages() == nr && dst.copy_from(src).is_ok() {
+                return;
+            }
+            for k in 0..nr {
+                if dst.copy_page_from(k, src, first + k).is_err() {
+                    // `k` is within `dst`, so this cannot fail.
+                    let _ = dst.zero_page(k);
+                }
+            }
+            return;
+        }
         if let Some(b) = self.backing(index) {
             // The common case: a device folio copied whole into a folio of its order.
             if b.page == 0 && b.folio.nr_pages() == nr && dst.copy_from(&b.folio).is_ok() {
@@ -151,9 +181,10 @@ pub(crate) fn to_system(
             let src = mig.src(i);
             let found = mig.src_folio(i).and_then(|folio| {
                 let (chunk, first) = DevPagemap::<Chunk>::of_folio(folio, owner)?;
-                Some((chunk.data(), first + (src.pfn()? - folio.pfn())))
+                let page = src.pfn()? - folio.pfn();
+                Some((chunk.data(), first + page, folio, page))
             });
-            let Some((chunk, index)) = found.filter(|_| src.is_migrate()) else {
+            let Some((chunk, index, folio, page)) = found.filter(|_| src.is_migrate()) else {
                 i += span;
                 continue;
             };
@@ -168,12 +199,18 @@ pub(crate) fn to_system(
                 alloc_system(PMD_ORDER).ok()
             };
             if let Some(mut dst) = large {
-                chunk.copy_to(index, &mut dst);
+                chunk.copy_to(index, folio, page, &mut dst);
                 dsts.push((i, dst), GFP_KERNEL)?;
+            } else if span > 1 && chunk.coherent {
+                // Page-by-page destinations would make the core split the device-coherent
+                // folio during the migration, which hangs on 7.3; the CPU reaches coherent
+                // memory where it is, so the folio stays on the device instead.
+                i += span;
+                continue;
             } else {
                 for k in 0..span {
                     let mut dst = alloc_system(0)?;
-                    chunk.copy_to(index + k, &mut dst);
+                    chunk.copy_to(index + k, folio, page + k, &mut dst);
                     dsts.push((i + k, dst), GFP_KERNEL)?;
                 }
             }
@@ -234,8 +271,8 @@ impl DevicePagemapOps for Chunk {
         }
     }
 
-    fn evict_copy(&self, index: usize, dst: &mut LockedFolio) {
-        self.copy_to(index, dst);
+    fn evict_copy(&self, index: usize, src: &Folio, dst: &mut LockedFolio) {
+        self.copy_to(index, src, 0, dst);
     }
 }
 
@@ -244,6 +281,10 @@ impl DevicePagemapOps for Chunk {
 pub(crate) struct Device {
     /// The device number (the N of `/dev/hmm_dmirrorN`).
     pub(crate) id: usize,
+    /// For a device-coherent device: the reserved physical range its memory comes from.
+    coherent: Option<(u64, usize)>,
+    /// The size of each chunk.
+    chunk_size: usize,
     /// The `pgmap->owner` of all its chunks.
     pub(crate) owner: Arc<PagemapOwner<Chunk>>,
     /// The chunks of device memory.
@@ -255,12 +296,31 @@ pub(crate) struct Device {
 }
 
 impl Device {
-    /// Creates device `id` with room for `max_chunks` chunks; no memory is registered yet.
+    /// Creates device-private device `id` with room for `max_chunks` chunks; no memory is
+    /// registered yet.
     pub(crate) fn new(id: usize, max_chunks: usize) -> Result<Arc<Self>> {
+        Self::build(id, None, CHUNK_SIZE, max_chunks)
+    }
+
+    /// Creates device-coherent device `id` on the reserved range `[base, base + size)`, which
+    /// the caller checked; its chunks are carved out of it in order, as needed.
+    pub(crate) fn new_coherent(id: usize, base: u64, size: usize) -> Result<Arc<Self>> {
+        let chunk_size = size.min(CHUNK_SIZE);
+        Self::build(id, Some((base, size)), chunk_size, size / chunk_size)
+    }
+
+    fn build(
+        id: usize,
+        coherent: Option<(u64, usize)>,
+        chunk_size: usize,
+        max_chunks: usize,
+    ) -> Result<Arc<Self>> {
         let owner = PagemapOwner::new()?;
         Arc::pin_init(
             try_pin_init!(Self {
                 id,
+                coherent,
+                chunk_size,
                 owner,
                 chunks <- new_mutex!(KVec::new(), "dmirror::Device::chunks"),
                 max_chunks,
@@ -270,34 +330,61 @@ impl Device {
         )
     }
 
-    /// Allocates a device folio of `order` and a system folio of the same order to back it,
-    /// and hands both to `f`, which fills the backing and passes the device folio on (to a
-    /// migration). Adds a chunk when no chunk has room, up to the cap; `ENOMEM` past it, or
-    /// when a large backing folio cannot be had.
+    /// Returns whether the device's memory is device-coherent.
+    pub(crate) fn is_coherent(&self) -> bool {
+        self.coherent.is_some()
+    }
+
+    /// Returns which device pages migrations collect: this device's kind.
+    pub(crate) fn select(&self) -> Select {
+        if self.is_coherent() {
+            Select::DEVICE_COHERENT
+        } else {
+            Select::DEVICE_PRIVATE
+        }
+    }
+
+    /// Allocates a device folio of `order`, with a system folio of the same order to back it
+    /// for device-private memory, and hands them to `f`, which fills the storage and passes the
+    /// device folio on (to a migration). Adds a chunk when no chunk has room, up to the cap;
+    /// `ENOMEM` past it, or when a large backing folio cannot be had.
     pub(crate) fn alloc(
         &self,
         order: u32,
-        f: impl FnOnce(DeviceFolio<'_, Chunk>, &mut LockedFolio, &Arc<BackingTable>) -> Result,
+        f: impl FnOnce(DeviceFolio<'_, Chunk>, Storage<'_>) -> Result,
     ) -> Result {
-        let mut backing = alloc_system(order)?;
+        let mut backing = match self.coherent {
+            Some(_) => None,
+            None => Some(alloc_system(order)?),
+        };
         let mut chunks = self.chunks.lock();
         if !chunks.iter().any(|c| c.can_alloc(order)) {
             if chunks.len() >= self.max_chunks {
                 pr_debug!("hmm_dmirror{}: device memory cap reached\n", self.id);
                 return Err(ENOMEM);
             }
-            let chunk = DevPagemap::new_private(
-                Chunk::new(&self.owner)?,
-                &self.owner,
-                CHUNK_SIZE,
-                c"hmm_dmirror",
-            )
+            let data = Chunk::new(&self.owner, self.chunk_size, self.is_coherent())?;
+            let chunk = match self.coherent {
+                None => DevPagemap::new_private(data, &self.owner, CHUNK_SIZE, c"hmm_dmirror"),
+                Some((base, _)) => DevPagemap::new_coherent(
+                    data,
+                    &self.owner,
+                    base + (chunks.len() * self.chunk_size) as u64,
+                    self.chunk_size,
+                    c"hmm_dmirror",
+                ),
+            }
             .inspect_err(|e| pr_warn!("hmm_dmirror{}: new chunk failed: {:?}\n", self.id, e))?;
             pr_info!(
-                "hmm_dmirror{}: added chunk {} ({} MiB) at pfn {:#x}\n",
+                "hmm_dmirror{}: added {} chunk {} ({} MiB) at pfn {:#x}\n",
                 self.id,
+                if self.is_coherent() {
+                    "coherent"
+                } else {
+                    "private"
+                },
                 chunks.len(),
-                CHUNK_SIZE >> 20,
+                self.chunk_size >> 20,
                 chunk.base_pfn()
             );
             chunks.push(chunk, GFP_KERNEL)?;
@@ -308,9 +395,14 @@ impl Device {
             .find_map(|c| c.alloc(order).ok())
             .ok_or(ENOMEM)?;
         let chunk = folio.pagemap().data();
-        chunk.set_backing(folio.index(), backing.folio());
-        let table = chunk.table().clone();
-        f(folio, &mut backing, &table)
+        match &mut backing {
+            Some(backing) => {
+                chunk.set_backing(folio.index(), backing.folio());
+                let table = chunk.table().clone();
+                f(folio, Storage::Backing(backing, &table))
+            }
+            None => f(folio, Storage::Direct),
+        }
     }
 
     /// Counts an open file.

@@ -20,7 +20,7 @@
 //! takes this mutex.
 
 use crate::{
-    device::{to_system, BackingTable, Chunk, Device},
+    device::{to_system, BackingTable, Chunk, Device, Storage},
     uapi::{self, prot, Cmd},
 };
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -157,6 +157,57 @@ fn bounce(npages: usize) -> Result<KVVec<u8>> {
     Ok(v)
 }
 
+/// A locked folio a migration fills: a backing system folio or a coherent device folio.
+trait Sink {
+    fn copy_from(&mut self, src: &Folio) -> Result;
+    fn copy_page_from(&mut self, n: usize, src: &Folio, m: usize) -> Result;
+    fn zero(&mut self) -> Result;
+}
+
+impl Sink for LockedFolio {
+    fn copy_from(&mut self, src: &Folio) -> Result {
+        LockedFolio::copy_from(self, src)
+    }
+
+    fn copy_page_from(&mut self, n: usize, src: &Folio, m: usize) -> Result {
+        LockedFolio::copy_page_from(self, n, src, m)
+    }
+
+    fn zero(&mut self) -> Result {
+        LockedFolio::zero(self);
+        Ok(())
+    }
+}
+
+impl Sink for DeviceFolio<'_, Chunk> {
+    fn copy_from(&mut self, src: &Folio) -> Result {
+        DeviceFolio::copy_from(self, src)
+    }
+
+    fn copy_page_from(&mut self, n: usize, src: &Folio, m: usize) -> Result {
+        DeviceFolio::copy_page_from(self, n, src, m)
+    }
+
+    fn zero(&mut self) -> Result {
+        DeviceFolio::zero(self)
+    }
+}
+
+/// Copies the source data of migration entries `[i, i + n)` into `dst`, a folio of `n` pages;
+/// holes read as zeroes.
+fn copy_source(mig: &MigrateVma<'_>, i: usize, n: usize, dst: &mut impl Sink) -> Result {
+    match mig.source(i) {
+        Some((src, 0)) if src.nr_pages() == n => dst.copy_from(src),
+        Some((src, first)) => {
+            for k in 0..n {
+                dst.copy_page_from(k, src, first + k)?;
+            }
+            Ok(())
+        }
+        None => dst.zero(),
+    }
+}
+
 impl DmirrorFile {
     fn mm_user(&self, gone: Error) -> Result<ARef<MmWithUser>> {
         self.mm.mmget_not_zero().ok_or(gone)
@@ -173,7 +224,8 @@ impl DmirrorFile {
     /// Maps a faulted folio to the folio holding its data: itself, or the backing of one of
     /// this device's pages.
     fn data_folio(&self, folio: ARef<Folio>, pfn: usize, write: bool) -> Option<Entry> {
-        if !folio.is_zone_device() {
+        // System memory and coherent device memory hold their data themselves.
+        if !folio.is_zone_device() || folio.is_device_coherent() {
             let offset = (pfn - folio.pfn()) * PAGE_SIZE;
             return Some(Entry {
                 folio,
@@ -412,12 +464,13 @@ impl DmirrorFile {
         let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
         let mm = self.mm_user(EINVAL)?;
         self.for_each_window(&mm, addr, npages, |vma, start, next| {
-            // The migration ignores its own invalidation: drop the entries it replaces
-            // (their references would also make the pages look pinned).
+            // The migration ignores its own invalidation: drop the entries of system pages,
+            // which it replaces (their references would also make the pages look pinned), and
+            // stale ones. Pages already in this device's memory stay, and stay mirrored.
             self.mirror
                 .lock()
                 .remove(start / PAGE_SIZE, next / PAGE_SIZE, |e| {
-                    e.device.is_none() || !e.is_live()
+                    (e.device.is_none() && !e.folio.is_zone_device()) || !e.is_live()
                 });
             let mut mig = MigrateVma::setup(
                 vma,
@@ -476,23 +529,10 @@ impl DmirrorFile {
             }
             let fail = self.take_fail_alloc();
             if span > 1 && !fail {
-                let res = self.device.alloc(PMD_ORDER, |folio, backing, table| {
-                    match mig.source(i) {
-                        Some((src, 0)) if src.nr_pages() == span => backing.copy_from(src)?,
-                        Some((src, first)) => {
-                            for k in 0..span {
-                                backing.copy_page_from(k, src, first + k)?;
-                            }
-                        }
-                        None => backing.zero(),
-                    }
-                    for k in 0..span {
-                        let entry = Self::device_entry(mig, i, &folio, backing, table, k);
-                        mapped.push((i + k, entry), GFP_KERNEL)?;
-                    }
-                    mig.set_dst(i, folio)
-                });
-                match res {
+                match self
+                    .device
+                    .alloc(PMD_ORDER, |f, s| Self::fill(mig, i, span, f, s, mapped))
+                {
                     Ok(()) => {
                         i += span;
                         continue;
@@ -506,37 +546,54 @@ impl DmirrorFile {
                 continue;
             }
             for k in 0..span {
-                self.device.alloc(0, |folio, backing, table| {
-                    match mig.source(i + k) {
-                        Some((src, page)) => backing.copy_page_from(0, src, page)?,
-                        None => backing.zero(),
-                    }
-                    let entry = Self::device_entry(mig, i, &folio, backing, table, 0);
-                    mapped.push((i + k, entry), GFP_KERNEL)?;
-                    mig.set_dst(i + k, folio)
-                })?;
+                self.device
+                    .alloc(0, |f, s| Self::fill(mig, i + k, 1, f, s, mapped))?;
             }
             i += span;
         }
         Ok(())
     }
 
-    /// The mirror entry of page `k` of a new device folio for migration entry `i`.
-    fn device_entry(
-        mig: &MigrateVma<'_>,
+    /// Fills the storage of `folio`, a new device folio of `n` pages, with the source data of
+    /// entries `[i, i + n)`, records their mirror entries and gives it to entry `i`.
+    fn fill(
+        mig: &mut MigrateVma<'_>,
         i: usize,
-        folio: &DeviceFolio<'_, Chunk>,
-        backing: &LockedFolio,
-        table: &Arc<BackingTable>,
-        k: usize,
-    ) -> Entry {
-        Entry {
-            folio: ARef::from(backing.folio()),
-            offset: k * PAGE_SIZE,
-            write: mig.src(i).is_write(),
-            atomic: false,
-            device: Some((table.clone(), folio.index() + k)),
+        n: usize,
+        mut folio: DeviceFolio<'_, Chunk>,
+        storage: Storage<'_>,
+        mapped: &mut KVec<(usize, Entry)>,
+    ) -> Result {
+        let write = mig.src(i).is_write();
+        match storage {
+            Storage::Backing(backing, table) => {
+                copy_source(mig, i, n, backing)?;
+                for k in 0..n {
+                    let entry = Entry {
+                        folio: ARef::from(backing.folio()),
+                        offset: k * PAGE_SIZE,
+                        write,
+                        atomic: false,
+                        device: Some((table.clone(), folio.index() + k)),
+                    };
+                    mapped.push((i + k, entry), GFP_KERNEL)?;
+                }
+            }
+            Storage::Direct => {
+                copy_source(mig, i, n, &mut folio)?;
+                for k in 0..n {
+                    let entry = Entry {
+                        folio: ARef::from(&*folio),
+                        offset: k * PAGE_SIZE,
+                        write,
+                        atomic: false,
+                        device: None,
+                    };
+                    mapped.push((i + k, entry), GFP_KERNEL)?;
+                }
+            }
         }
+        mig.set_dst(i, folio)
     }
 
     fn migrate_to_sys(&self, cmd: &mut Cmd) -> Result {
@@ -544,12 +601,17 @@ impl DmirrorFile {
         let mm = self.mm_user(EINVAL)?;
         let mut migrated = 0;
         self.for_each_window(&mm, addr, npages, |vma, start, next| {
+            // The migration ignores its own invalidation: drop the entries it replaces (for
+            // coherent pages, their references would make the pages look pinned).
+            self.mirror
+                .lock()
+                .remove(start / PAGE_SIZE, next / PAGE_SIZE, |_| true);
             let mut mig = MigrateVma::setup(
                 vma,
                 start,
                 next,
                 self.device.owner.token(),
-                Select::DEVICE_PRIVATE | Select::COMPOUND,
+                self.device.select() | Select::COMPOUND,
                 None,
             )?;
             to_system(&mut mig, &self.device.owner, || self.take_fail_alloc())?;
@@ -609,6 +671,13 @@ impl DmirrorFile {
                                     prot::DEV_PRIVATE_LOCAL
                                 } else {
                                     prot::DEV_PRIVATE_REMOTE
+                                }
+                            }
+                            Some(f) if f.is_device_coherent() => {
+                                if DevPagemap::<Chunk>::of_folio(&f, &self.device.owner).is_some() {
+                                    prot::DEV_COHERENT_LOCAL
+                                } else {
+                                    prot::DEV_COHERENT_REMOTE
                                 }
                             }
                             _ if pfn.is_zero_page() => prot::ZERO,

@@ -59,4 +59,6 @@ pub(crate) mod prot {
     pub(crate) const ZERO: u8 = 0x10;
     pub(crate) const DEV_PRIVATE_LOCAL: u8 = 0x20;
     pub(crate) const DEV_PRIVATE_REMOTE: u8 = 0x30;
+    pub(crate) const DEV_COHERENT_LOCAL: u8 = 0x40;
+    pub(crate) const DEV_COHERENT_REMOTE: u8 = 0x50;
 }
