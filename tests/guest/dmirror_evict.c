@@ -6,6 +6,10 @@
  * the device as one device THP; past the max_chunks cap, migration fails
  * with ENOMEM and loses nothing. Prints KTAP.
  *
+ * Usage: dmirror_evict [DEVICE [CAPPED_INSMOD_ARGS]]: by default
+ * /dev/hmm_dmirror0 (device-private) reloaded with max_chunks=1; for a
+ * coherent device, the arguments that give it a single 256 MiB chunk.
+ *
  * Built statically against the kernel tree's lib/test_hmm_uapi.h.
  */
 #include <errno.h>
@@ -26,6 +30,8 @@
 #define ALL_PROT 0xf0
 
 static int tests;
+/* SNAPSHOT's value for a page in this device's memory. */
+static unsigned char local_prot = HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL;
 static int failed;
 
 static void result(int ok, const char *name)
@@ -99,14 +105,14 @@ static long count_n(int fd, void *buf, unsigned long npages, unsigned char mask,
 /* Counts pages of the buffer that SNAPSHOT reports in this device's memory. */
 static long on_device(int fd, void *buf)
 {
-	return count_n(fd, buf, NPAGES, ALL_PROT, HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL);
+	return count_n(fd, buf, NPAGES, ALL_PROT, local_prot);
 }
 
 /* Counts pages of the buffer in this device's memory mapped by a PMD. */
 static long on_device_huge(int fd, void *buf)
 {
 	return count_n(fd, buf, NPAGES, ALL_PROT | HMM_DMIRROR_PROT_PMD,
-		       HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_PMD);
+		       local_prot | HMM_DMIRROR_PROT_PMD);
 }
 
 static void *map_n(unsigned long npages)
@@ -137,8 +143,11 @@ static void *map_huge(uint32_t seed)
 	return h;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+	const char *dev = argc > 1 ? argv[1] : "/dev/hmm_dmirror0";
+	const char *capped = argc > 2 ? argv[2] : "max_chunks=1";
+	char insmod_capped[512];
 	struct hmm_dmirror_cmd out;
 	void *bounce = malloc(NPAGES * PAGE);
 	void *a = map(), *b = map();
@@ -147,14 +156,18 @@ int main(void)
 	void *c = map_n(cap_pages);
 	int fd, fd2, ret;
 
-	printf("KTAP version 1\n1..17\n");
+	if (dev[strlen(dev) - 1] >= '2')
+		local_prot = HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL;
+	snprintf(insmod_capped, sizeof(insmod_capped), "insmod /lib/modules/dmirror.ko %s",
+		 capped);
+	printf("KTAP version 1\n1..17\n# device %s\n", dev);
 	if (!bounce || !a || !b || !ha || !hb || !c) {
 		printf("# out of memory\n");
 		return 1;
 	}
 
 	/* RELEASE brings every page back while the file stays open. */
-	fd = open("/dev/hmm_dmirror0", O_RDWR);
+	fd = open(dev, O_RDWR);
 	fill(a, 1);
 	result(fd >= 0 && !cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, a, bounce, NPAGES, &out) &&
 	       out.cpages == NPAGES, "migrate_to_dev");
@@ -176,7 +189,7 @@ int main(void)
 	result(!cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, hb, bounce, NPAGES, &out) &&
 	       on_device_huge(fd, hb) == (long)NPAGES, "migrate_huge_again");
 	close(fd);
-	fd2 = open("/dev/hmm_dmirror0", O_RDWR);
+	fd2 = open(dev, O_RDWR);
 	result(fd2 >= 0 && on_device(fd2, b) == 0 && on_device(fd2, hb) == 0,
 	       "last_close_evicts_all_pages");
 	close(fd2);
@@ -191,14 +204,14 @@ int main(void)
 	 * One chunk of device memory at most: a range one PMD larger than it
 	 * fills the device, fails with ENOMEM, and loses nothing.
 	 */
-	result(system("insmod /lib/modules/dmirror.ko max_chunks=1") == 0, "insmod_capped");
+	result(system(insmod_capped) == 0, "insmod_capped");
 	fill_n(c, 5, cap_pages);
-	fd = open("/dev/hmm_dmirror0", O_RDWR);
+	fd = open(dev, O_RDWR);
 	ret = fd < 0 ? -EBADF : cmd(fd, HMM_DMIRROR_MIGRATE_TO_DEV, c, NULL, cap_pages, NULL);
 	if (ret != -ENOMEM)
 		printf("# MIGRATE_TO_DEV past the cap: %d\n", ret);
 	result(ret == -ENOMEM, "past_cap_is_enomem");
-	ret = count_n(fd, c, cap_pages, ALL_PROT, HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL);
+	ret = count_n(fd, c, cap_pages, ALL_PROT, local_prot);
 	if (ret != (long)CHUNK_PAGES)
 		printf("# pages on the device: %d\n", ret);
 	result(ret == (long)CHUNK_PAGES, "cap_filled_exactly");
