@@ -15,7 +15,9 @@ BUILD := $(ROOT)/build/$(KERNEL_FLAVOUR)
 TIMEOUT ?= 2400
 # INJECT=warn adds a suite whose kernel warning must fail the run.
 INJECT ?=
-BENCH_ARGS := --append dmirror.flavour=$(KERNEL_FLAVOUR) $(if $(INJECT),--append dmirror.inject=$(INJECT))
+SEED ?=
+BENCH_ARGS := --append dmirror.flavour=$(KERNEL_FLAVOUR) $(if $(INJECT),--append dmirror.inject=$(INJECT)) \
+	$(if $(SEED),--append dmirror.seed=$(SEED))
 BENCH := $(ROOT)/target/release/dmirror-bench
 comma := ,
 space := $(subst ,, )
@@ -34,8 +36,8 @@ KMAKE = $(MAKE) -C $(KDIR) LLVM=-19 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdo
 	CLIPPY_DRIVER=/usr/bin/clippy-driver \
 	BINDGEN=$(HOME)/.cargo/bin/bindgen
 
-.PHONY: all module clippy rust-analyzer kernel setup canary selftest tools \
-	initramfs demo test check-dmirror host-test checkpatch clean
+.PHONY: all module clippy rust-analyzer kernel setup canary selftest tools suite \
+	initramfs demo test check-dmirror check-suite host-test checkpatch clean
 
 all: module
 
@@ -65,10 +67,16 @@ selftest: $(KERNEL_DEP)
 tools:
 	cargo build --release --quiet -p dmirror-bench
 
-initramfs: module canary selftest
+# The guest's own suite, static (the initramfs has no C library).
+SUITE := $(ROOT)/target/x86_64-unknown-linux-gnu/release/dmirror-suite
+suite:
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
+		--target x86_64-unknown-linux-gnu -p dmirror-suite
+
+initramfs: module canary selftest suite
 	$(ROOT)/scripts/mkinitramfs $(KDIR) $(BUILD)/initramfs.cpio.gz \
 		$(ROOT)/dmirror.ko $(ROOT)/tests/canary/bench_canary.ko \
-		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/dmirror_evict
+		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/dmirror_evict $(SUITE)
 
 host-test:
 	cargo test --quiet --workspace
@@ -93,7 +101,14 @@ test: host-test initramfs tools
 check-dmirror: initramfs tools
 	$(BENCH) run --plan dmirror --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
-		$(BENCH_ARGS) $(if $(HMM),--append dmirror.hmm=$(subst $(space),$(comma),$(strip $(HMM))))
+		$(BENCH_ARGS) $(if $(HMM),--append dmirror.hmm=$(subst $(space),$(comma),$(strip $(HMM)))) \
+		$(if $(SUITE_ARGS),--append dmirror.suite=$(subst $(space),$(comma),$(strip $(SUITE_ARGS))))
+
+# The own suite alone; SUITE_ARGS="-t NAME" filters it, SEED=N replays a seed.
+check-suite: initramfs tools
+	$(BENCH) run --plan suite --kernel $(KDIR)/arch/x86/boot/bzImage \
+		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
+		$(BENCH_ARGS) $(if $(SUITE_ARGS),--append dmirror.suite=$(subst $(space),$(comma),$(strip $(SUITE_ARGS))))
 
 clean:
 	-$(KMAKE) M=$(ROOT) clean

@@ -17,13 +17,16 @@
 //! chunks out of the device under the mutex and drops them after releasing it, so migrations
 //! that need the mutex to allocate never wait for an eviction that waits for them.
 
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::{
+    fmt,
+    sync::atomic::{AtomicUsize, Ordering},
+};
 use kernel::{
     alloc::flags::{__GFP_NOWARN, GFP_HIGHUSER_MOVABLE, GFP_KERNEL},
     mm::{
         folio::Folio,
         memremap::{
-            DevPagemap, DeviceFault, DeviceFolio, DevicePagemapOps, FreedFolio, PagemapOwner,
+            Census, DevPagemap, DeviceFault, DeviceFolio, DevicePagemapOps, FreedFolio, PagemapOwner,
             SplitFolio, VmFaultCode, PMD_ORDER, SECTION_SIZE,
         },
         migrate::{LockedFolio, MigrateVma, Select},
@@ -293,6 +296,8 @@ pub(crate) struct Device {
     max_chunks: usize,
     /// Open files; the last close evicts the device memory.
     opens: AtomicUsize,
+    /// Evictions of the device memory that found chunks to evict.
+    evictions: AtomicUsize,
 }
 
 impl Device {
@@ -325,6 +330,7 @@ impl Device {
                 chunks <- new_mutex!(KVec::new(), "dmirror::Device::chunks"),
                 max_chunks,
                 opens: AtomicUsize::new(0),
+                evictions: AtomicUsize::new(0),
             }),
             GFP_KERNEL,
         )
@@ -405,6 +411,74 @@ impl Device {
         }
     }
 
+    /// Writes the device's counters (the `stats` file of its debugfs directory): one
+    /// `key value` line each, summed over its chunks; see the README for their meaning.
+    pub(crate) fn write_stats(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let chunks = self.chunks.lock();
+        let mut t = Census::default();
+        let mut splits = 0;
+        for c in chunks.iter() {
+            let n = c.census();
+            t.pages += n.pages;
+            t.free += n.free;
+            t.allocated += n.allocated;
+            t.mapped += n.mapped;
+            t.small_folios += n.small_folios;
+            t.large_folios += n.large_folios;
+            t.large_pages += n.large_pages;
+            t.free_bad_refcount += n.free_bad_refcount;
+            t.bad_pgmap += n.bad_pgmap;
+            splits += c.data().splits.load(Ordering::Relaxed);
+        }
+        let kind = if self.is_coherent() {
+            "coherent"
+        } else {
+            "private"
+        };
+        writeln!(f, "kind {kind}")?;
+        writeln!(f, "chunks {}", chunks.len())?;
+        writeln!(f, "max_chunks {}", self.max_chunks)?;
+        writeln!(f, "chunk_pages {}", self.chunk_size / PAGE_SIZE)?;
+        writeln!(f, "pages {}", t.pages)?;
+        writeln!(f, "free {}", t.free)?;
+        writeln!(f, "allocated {}", t.allocated)?;
+        writeln!(f, "mapped {}", t.mapped)?;
+        writeln!(f, "in_flight {}", t.allocated.saturating_sub(t.mapped))?;
+        writeln!(f, "small_folios {}", t.small_folios)?;
+        writeln!(f, "large_folios {}", t.large_folios)?;
+        writeln!(f, "large_pages {}", t.large_pages)?;
+        writeln!(f, "splits {splits}")?;
+        writeln!(f, "free_bad_refcount {}", t.free_bad_refcount)?;
+        writeln!(f, "bad_pgmap {}", t.bad_pgmap)?;
+        writeln!(f, "evictions {}", self.evictions.load(Ordering::Relaxed))
+    }
+
+    /// Checks the zero-based contract on every chunk (the `check` file): every free page has
+    /// reference count zero, every allocated folio points at its pagemap, and the pagemap's
+    /// reference count is one per allocated page. Sleeps (an RCU grace period per chunk).
+    pub(crate) fn write_check(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Held across the reads: no chunk is added or evicted, and checks are serialised.
+        let chunks = self.chunks.lock();
+        let mut ok = true;
+        for (n, c) in chunks.iter().enumerate() {
+            let census = c.census();
+            let refs = c.pgmap_refs();
+            let good = census.free_bad_refcount == 0
+                && census.bad_pgmap == 0
+                && refs == census.allocated as i64;
+            ok &= good;
+            writeln!(
+                f,
+                "chunk {n} allocated {} pgmap_refs {refs} free_bad_refcount {} bad_pgmap {} {}",
+                census.allocated,
+                census.free_bad_refcount,
+                census.bad_pgmap,
+                if good { "ok" } else { "FAIL" }
+            )?;
+        }
+        writeln!(f, "result {}", if ok { "ok" } else { "FAIL" })
+    }
+
     /// Counts an open file.
     pub(crate) fn open(&self) {
         self.opens.fetch_add(1, Ordering::Relaxed);
@@ -420,6 +494,9 @@ impl Device {
     /// Evicts every page of device memory back to system memory and unregisters it.
     pub(crate) fn release(&self) {
         let chunks = core::mem::take(&mut *self.chunks.lock());
+        if !chunks.is_empty() {
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
         // Dropped outside the lock: eviction may wait for migrations that need it.
         drop(chunks);
     }

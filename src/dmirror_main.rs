@@ -7,6 +7,7 @@
 //! ranges of real memory (`memmap=SIZE$START`), on `/dev/hmm_dmirror2` and `/dev/hmm_dmirror3`
 //! (device-coherent memory), so the upstream `hmm-tests` selftest runs against it unchanged.
 
+mod debugfs;
 mod device;
 mod file;
 mod uapi;
@@ -82,6 +83,7 @@ fn coherent_range(n: usize, base: u64, size: u64) -> Result<Option<(u64, usize)>
 /// memory is evicted (when the last reference to the device goes).
 struct Dmirror {
     _devices: KVec<Pin<KBox<MiscDeviceRegistration<file::DmirrorFile>>>>,
+    _debugfs: debugfs::Debugfs,
 }
 
 impl kernel::Module for Dmirror {
@@ -111,6 +113,7 @@ impl kernel::Module for Dmirror {
         }
         const _: () = assert!(device::CHUNK_SIZE % SECTION_SIZE == 0);
         let mut devices = KVec::new();
+        let mut inspect = KVec::new();
         let names = [
             c"hmm_dmirror0",
             c"hmm_dmirror1",
@@ -125,18 +128,23 @@ impl kernel::Module for Dmirror {
                     None => continue,
                 },
             };
+            inspect.push((name, device.clone()), GFP_KERNEL)?;
             let reg = KBox::pin_init(
                 MiscDeviceRegistration::register_with_data(MiscDeviceOptions { name }, device),
                 GFP_KERNEL,
             )?;
             devices.push(reg, GFP_KERNEL)?;
         }
+        let debugfs = debugfs::Debugfs::new(&inspect)?;
         pr_info!(
             "loaded: 2 device-private devices, up to {} MiB each; {} device-coherent\n",
             max_chunks as usize * (device::CHUNK_SIZE >> 20),
             devices.len() - 2
         );
-        Ok(Dmirror { _devices: devices })
+        Ok(Dmirror {
+            _devices: devices,
+            _debugfs: debugfs,
+        })
     }
 }
 

@@ -280,7 +280,10 @@ impl DmirrorFile {
         unlocked: bool,
     ) -> Result {
         let started = Instant::<Monotonic>::now();
-        let owner = self.device.owner.token();
+        // This device's own pages are reported, not faulted; but a write to one that is
+        // mapped read-only (shared copy-on-write after fork) needs the CPU's write fault, so
+        // that window is faulted again as any other memory, which brings the page back.
+        let mut owner = self.device.owner.token();
         loop {
             if started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
                 return Err(EBUSY);
@@ -302,9 +305,16 @@ impl DmirrorFile {
             let Some(mut mirror) = range.lock_if_valid(&self.mirror) else {
                 continue;
             };
+            if write && !owner.is_null() && range.pfns().iter().any(|p| !p.is_writable()) {
+                owner = core::ptr::null_mut();
+                continue;
+            }
             for (i, pfn) in range.pfns().iter().enumerate() {
-                if pfn.is_error() || !pfn.is_valid() || (write && !pfn.is_writable()) {
+                if pfn.is_error() || !pfn.is_valid() {
                     return Err(EFAULT);
+                }
+                if write && !pfn.is_writable() {
+                    return Err(EPERM);
                 }
                 let folio = range.folio(i, &mirror).ok_or(EFAULT)?;
                 folios

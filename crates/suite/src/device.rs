@@ -1,0 +1,853 @@
+//! Cases on dmirror's device memory, run against each device kind: the refcount contract,
+//! data integrity, fork, unmapping and remapping, concurrency, memory pressure, teardown.
+
+use crate::harness::{Case, Ctx, Fail, Fixture, Variant, R};
+use crate::hmm::{self, fill, local_prot, verify, verify_zero, Dev, Map, Rng, PAGE, THP, THP_PAGES};
+use crate::inspect::{self, settled, stats};
+use crate::{diag, ensure, ensure_eq};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const CASES: &[Case] = &[
+    case("idle_counters", 30, idle_counters),
+    case("migrate_pages_counted", 60, migrate_pages_counted),
+    case("migrate_thp_counted", 60, migrate_thp_counted),
+    case("exit_frees_all", 60, exit_frees_all),
+    case("data_random_pages", 120, data_random_pages),
+    case("data_random_thp", 120, data_random_thp),
+    case("data_partial_ranges", 60, data_partial_ranges),
+    case("data_holes", 60, data_holes),
+    case("data_read_only", 60, data_read_only),
+    case("data_prot_none", 60, data_prot_none),
+    case("fork_cow_both_write", 120, fork_cow_both_write),
+    case("fork_child_migrates", 60, fork_child_migrates),
+    case("fork_device_write_breaks_cow", 60, fork_device_write),
+    case("munmap_on_device", 60, munmap_on_device),
+    case("munmap_half_thp", 60, munmap_half_thp),
+    case("mremap_move", 60, mremap_move),
+    case("mremap_dontunmap", 60, mremap_dontunmap),
+    case("madvise_dontneed", 60, madvise_dontneed),
+    case("madvise_free", 60, madvise_free),
+    case("concurrent_migrate_fault_fork", 180, concurrent),
+    case("capacity_enomem", 300, capacity_enomem),
+    case("fail_alloc_every_path", 120, fail_alloc_every_path),
+    case("kill_mid_migration", 180, kill_mid_migration),
+    case("last_close_with_pages", 60, last_close_with_pages),
+    case("release_with_pages", 60, release_with_pages),
+    case("rmmod_with_pages", 120, rmmod_with_pages),
+];
+
+const fn case(name: &'static str, timeout: u64, run: fn(&Ctx) -> R) -> Case {
+    Case {
+        name,
+        fixture: Fixture::Device,
+        timeout,
+        run,
+    }
+}
+
+/// The seed of one case's patterns: the run's seed mixed with the case's name.
+fn seed(ctx: &Ctx, salt: &str) -> u64 {
+    salt.bytes().fold(ctx.config.seed ^ 0x9e37_79b9_7f4a_7c15, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+fn coherent(ctx: &Ctx) -> bool {
+    ctx.variant() == Variant::Coherent
+}
+
+/// Asserts that SNAPSHOT shows exactly the pages in `on` in this device's memory.
+fn on_device(ctx: &Ctx, dev: &Dev, map: &Map, on: impl Fn(usize) -> bool) -> R {
+    let snap = dev.snapshot(map.addr, map.npages())?;
+    let want = local_prot(coherent(ctx));
+    for (i, &s) in snap.iter().enumerate() {
+        let here = s & hmm::PROT_DEV_MASK == want;
+        ensure!(
+            here == on(i),
+            "page {i}: snapshot {s:#x}, expected {}in device memory",
+            if on(i) { "" } else { "not " }
+        );
+    }
+    Ok(())
+}
+
+/// Migrates the whole map to the device and asserts that all of it went.
+fn to_dev_all(dev: &Dev, map: &Map) -> R {
+    let n = dev
+        .to_dev(map.addr, map.npages())
+        .map_err(|e| Fail::Fail(format!("MIGRATE_TO_DEV of {} pages: {e}", map.npages())))?;
+    ensure_eq!(n, map.npages() as u64, "pages migrated to the device");
+    Ok(())
+}
+
+fn idle_counters(ctx: &Ctx) -> R {
+    let _dev = Dev::open(&ctx.path())?;
+    let s = settled(ctx.variant(), 0)?;
+    ensure_eq!(s.kind(), ctx.variant().name(), "device kind");
+    ensure_eq!(s.get("free"), s.get("pages"), "free pages of an idle device");
+    ensure_eq!(s.get("large_folios") + s.get("small_folios"), 0, "folios");
+    Ok(())
+}
+
+fn migrate_pages_counted(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(64 * PAGE)?;
+    let seed = seed(ctx, "pages");
+    fill(map.bytes(), seed);
+    to_dev_all(&dev, &map)?;
+    on_device(ctx, &dev, &map, |_| true)?;
+    let s = settled(ctx.variant(), 64)?;
+    ensure_eq!(s.get("small_folios"), 64, "order-0 device folios");
+    ensure!(s.get("chunks") >= 1, "no chunk registered: {s:?}");
+    // Migrating again moves nothing and allocates nothing.
+    to_dev_all(&dev, &map)?;
+    settled(ctx.variant(), 64)?;
+    let back = dev.to_sys(map.addr, 64)?;
+    ensure_eq!(back, 64, "pages migrated back");
+    settled(ctx.variant(), 0)?;
+    verify(map.bytes(), seed, "after MIGRATE_TO_SYS")
+}
+
+fn migrate_thp_counted(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::thp(THP)?;
+    let seed = seed(ctx, "thp");
+    fill(map.bytes(), seed);
+    to_dev_all(&dev, &map)?;
+    let s = settled(ctx.variant(), THP_PAGES as u64)?;
+    if s.get("large_folios") == 0 {
+        return Err(Fail::Skip(
+            "no THP for the source buffer (transparent_hugepage not available)".into(),
+        ));
+    }
+    ensure_eq!(s.get("large_folios"), 1, "device THPs");
+    ensure_eq!(s.get("large_pages"), THP_PAGES as u64, "pages in device THPs");
+    let snap = dev.snapshot(map.addr, 1)?;
+    ensure!(snap[0] & hmm::PROT_PMD != 0, "device THP not PMD-mapped: {:#x}", snap[0]);
+    // A CPU read of one byte brings the whole folio back (coherent memory is read in place).
+    verify(map.bytes(), seed, "CPU read of the device THP")?;
+    if !coherent(ctx) {
+        settled(ctx.variant(), 0)?;
+    } else {
+        dev.to_sys(map.addr, THP_PAGES)?;
+        settled(ctx.variant(), 0)?;
+    }
+    verify(map.bytes(), seed, "back in system memory")
+}
+
+/// Runs `f` in a forked child; returns whether it exited with status 0.
+fn in_child(f: impl FnOnce() -> R) -> R<bool> {
+    // SAFETY: The child runs `f` and exits; the parent only waits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    if pid == 0 {
+        let code = match f() {
+            Ok(()) => 0,
+            Err(Fail::Fail(m)) | Err(Fail::Skip(m)) => {
+                diag!("child: {m}");
+                1
+            }
+        };
+        // SAFETY: Ends the child at once.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: Waits for our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    Ok(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)
+}
+
+fn exit_frees_all(ctx: &Ctx) -> R {
+    // Held open here, so the chunks stay and their counters are there to read.
+    let _dev = Dev::open(&ctx.path())?;
+    let path = ctx.path();
+    let ok = in_child(|| {
+        let dev = Dev::open(&path)?;
+        let pages = Map::anon(128 * PAGE)?;
+        let huge = Map::thp(THP)?;
+        fill(pages.bytes(), 1);
+        fill(huge.bytes(), 2);
+        to_dev_all(&dev, &pages)?;
+        to_dev_all(&dev, &huge)?;
+        // Exits with everything on the device, without unmapping or closing anything.
+        pages.forget();
+        huge.forget();
+        std::mem::forget(dev);
+        Ok(())
+    })?;
+    ensure!(ok, "the child could not migrate its pages");
+    let s = settled(ctx.variant(), 0)?;
+    ensure!(s.get("chunks") >= 1, "the chunks went away: {s:?}");
+    Ok(())
+}
+
+/// Migrates `map` to the device and back, by MIGRATE_TO_SYS and by CPU faults, with a new
+/// random pattern each round, verified byte for byte through the device and the CPU.
+fn round_trips(ctx: &Ctx, map: &Map, salt: &str) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let npages = map.npages();
+    for round in 0..3u64 {
+        let seed = seed(ctx, salt) ^ round;
+        fill(map.bytes(), seed);
+        to_dev_all(&dev, map)?;
+        settled(ctx.variant(), npages as u64)?;
+        verify(&dev.read(map.addr, npages)?, seed, "device read of the migrated pages")?;
+        if round % 2 == 0 {
+            let back = dev.to_sys(map.addr, npages)?;
+            ensure_eq!(back, npages as u64, "round {round}: pages migrated back");
+        } else {
+            // A random page order: each CPU fault migrates one page (or folio) back.
+            let mut order: Vec<usize> = (0..npages).collect();
+            let mut r = Rng::new(seed);
+            for i in (1..order.len()).rev() {
+                order.swap(i, r.below(i as u64 + 1) as usize);
+            }
+            for &p in &order {
+                let b = map.bytes()[p * PAGE + (p % PAGE)];
+                std::hint::black_box(b);
+            }
+            if coherent(ctx) {
+                dev.to_sys(map.addr, npages)?;
+            }
+        }
+        settled(ctx.variant(), 0)?;
+        verify(map.bytes(), seed, &format!("round {round}, back in system memory"))?;
+    }
+    Ok(())
+}
+
+fn data_random_pages(ctx: &Ctx) -> R {
+    round_trips(ctx, &Map::anon(256 * PAGE)?, "random_pages")
+}
+
+fn data_random_thp(ctx: &Ctx) -> R {
+    round_trips(ctx, &Map::thp(2 * THP)?, "random_thp")
+}
+
+fn data_partial_ranges(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(64 * PAGE)?;
+    let seed = seed(ctx, "partial");
+    fill(map.bytes(), seed);
+    ensure_eq!(dev.to_dev(map.page(8), 16)?, 16, "pages 8..24 migrated");
+    ensure_eq!(dev.to_dev(map.page(40), 1)?, 1, "page 40 migrated");
+    on_device(ctx, &dev, &map, |i| (8..24).contains(&i) || i == 40)?;
+    settled(ctx.variant(), 17)?;
+    // Back part of it, then the rest through the CPU.
+    ensure_eq!(dev.to_sys(map.page(16), 8)?, 8, "pages 16..24 migrated back");
+    on_device(ctx, &dev, &map, |i| (8..16).contains(&i) || i == 40)?;
+    settled(ctx.variant(), 9)?;
+    verify(map.bytes(), seed, "whole range")?;
+    if coherent(ctx) {
+        dev.to_sys(map.addr, 64)?;
+    }
+    settled(ctx.variant(), 0).map(|_| ())
+}
+
+fn data_holes(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(64 * PAGE)?;
+    let seed = seed(ctx, "holes");
+    // Even pages hold data; odd pages were never touched (no page at all yet).
+    let mut want = vec![0u8; map.len];
+    fill(&mut want, seed);
+    for p in (0..64).filter(|p| p % 2 == 1) {
+        want[p * PAGE..(p + 1) * PAGE].fill(0);
+    }
+    for p in (0..64).step_by(2) {
+        map.bytes()[p * PAGE..(p + 1) * PAGE].copy_from_slice(&want[p * PAGE..(p + 1) * PAGE]);
+    }
+    to_dev_all(&dev, &map)?;
+    settled(ctx.variant(), 64)?;
+    ensure!(dev.read(map.addr, 64)? == want, "device read differs from the data");
+    // A range with an unmapped hole: EINVAL, nothing lost on either side.
+    dev.to_sys(map.addr, 64)?;
+    // SAFETY: Unmaps pages 16..32 of our own mapping.
+    unsafe { libc::munmap(map.page(16) as *mut _, 16 * PAGE) };
+    let err = dev.to_dev(map.addr, 64).map(|_| ()).unwrap_err();
+    ensure_eq!(err.raw_os_error(), Some(libc::EINVAL), "migrating across a hole");
+    let s = stats(ctx.variant())?;
+    settled(ctx.variant(), s.get("allocated"))?;
+    for p in (0..16).chain(32..64) {
+        let got = &map.bytes()[p * PAGE..(p + 1) * PAGE];
+        ensure!(got == &want[p * PAGE..(p + 1) * PAGE], "page {p} lost its data");
+    }
+    // The rest of the mapping is unmapped page by page (the hole is gone already).
+    // SAFETY: Unmaps what is left of our mapping.
+    unsafe {
+        libc::munmap(map.addr as *mut _, 16 * PAGE);
+        libc::munmap(map.page(32) as *mut _, 32 * PAGE);
+    }
+    map.forget();
+    settled(ctx.variant(), 0).map(|_| ())
+}
+
+fn mprotect(map: &Map, prot: i32) -> R {
+    // SAFETY: Changes the protection of our own mapping.
+    if unsafe { libc::mprotect(map.addr as *mut _, map.len, prot) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+fn data_read_only(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(32 * PAGE)?;
+    let seed = seed(ctx, "read_only");
+    fill(map.bytes(), seed);
+    mprotect(&map, libc::PROT_READ)?;
+    to_dev_all(&dev, &map)?;
+    settled(ctx.variant(), 32)?;
+    // The device may read but not write a read-only mapping.
+    verify(&dev.read(map.addr, 32)?, seed, "device read")?;
+    let junk = vec![0x5au8; 32 * PAGE];
+    let err = dev.write(map.addr, &junk).unwrap_err();
+    ensure_eq!(err.raw_os_error(), Some(libc::EPERM), "device write to a read-only mapping");
+    // SAFETY: Reads the mapping, which is readable.
+    let cpu = unsafe { std::slice::from_raw_parts(map.addr as *const u8, map.len) };
+    verify(cpu, seed, "CPU read after the refused write")?;
+    if coherent(ctx) {
+        dev.to_sys(map.addr, 32)?;
+    }
+    settled(ctx.variant(), 0)?;
+    mprotect(&map, libc::PROT_READ | libc::PROT_WRITE)
+}
+
+fn data_prot_none(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(32 * PAGE)?;
+    let seed = seed(ctx, "prot_none");
+    fill(map.bytes(), seed);
+    mprotect(&map, libc::PROT_NONE)?;
+    let err = dev.to_dev(map.addr, 32).unwrap_err();
+    ensure_eq!(err.raw_os_error(), Some(libc::EINVAL), "migrating a PROT_NONE range");
+    let err = dev.read(map.addr, 32).unwrap_err();
+    ensure!(
+        matches!(err.raw_os_error(), Some(libc::EFAULT) | Some(libc::EINVAL) | Some(libc::EPERM)),
+        "device read of a PROT_NONE range: {err}"
+    );
+    settled(ctx.variant(), 0)?;
+    mprotect(&map, libc::PROT_READ | libc::PROT_WRITE)?;
+    verify(map.bytes(), seed, "after PROT_NONE")
+}
+
+fn fork_cow_both_write(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(128 * PAGE)?;
+    let seed = seed(ctx, "cow");
+    fill(map.bytes(), seed);
+    to_dev_all(&dev, &map)?;
+    let half = 64 * PAGE;
+    let (cseed, pseed) = (seed ^ 0xc, seed ^ 0xf);
+    let bytes = map.bytes();
+    // SAFETY: The child writes its own copy-on-write view and exits.
+    let pid = unsafe { libc::fork() };
+    let mut want = vec![0u8; map.len];
+    fill(&mut want, seed);
+    if pid == 0 {
+        let ok = bytes[half..] == want[half..];
+        fill(&mut bytes[..half], cseed);
+        let ok = ok && verify(&bytes[..half], cseed, "child's writes").is_ok();
+        // SAFETY: Ends the child.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    fill(&mut bytes[half..], pseed);
+    let mut status = 0;
+    // SAFETY: Waits for our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    ensure!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child saw wrong data (status {status:#x})"
+    );
+    ensure!(bytes[..half] == want[..half], "the child's writes reached the parent");
+    verify(&bytes[half..], pseed, "parent's writes")?;
+    let s = stats(ctx.variant())?;
+    settled(ctx.variant(), s.get("allocated"))?;
+    dev.to_sys(map.addr, 128)?;
+    settled(ctx.variant(), 0)?;
+    ensure!(bytes[..half] == want[..half], "after migrating back");
+    Ok(())
+}
+
+/// After fork the pages on the device are shared copy-on-write; a device write through the
+/// parent's mirror must break COW for the parent only.
+fn fork_device_write(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(16 * PAGE)?;
+    let seed = seed(ctx, "device_write");
+    fill(map.bytes(), seed);
+    to_dev_all(&dev, &map)?;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for two descriptors.
+    ensure!(unsafe { libc::pipe(fds.as_mut_ptr()) } == 0, "pipe");
+    let bytes = map.bytes();
+    // SAFETY: The child waits for the parent's write, checks its own view and exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let mut b = [0u8; 1];
+        // SAFETY: Reads one byte from the pipe.
+        unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) };
+        let ok = verify(bytes, seed, "child").is_ok();
+        // SAFETY: Ends the child.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut new = vec![0u8; map.len];
+    fill(&mut new, seed ^ 1);
+    let wrote = dev.write(map.addr, &new);
+    // SAFETY: Lets the child go on, then waits for it.
+    let mut status = 0;
+    unsafe {
+        libc::write(fds[1], b"x".as_ptr().cast(), 1);
+        libc::waitpid(pid, &mut status, 0);
+    }
+    wrote.map_err(|e| Fail::Fail(format!("device write to a COW-shared page: {e}")))?;
+    ensure!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child saw the parent's device write (status {status:#x})"
+    );
+    ensure!(map.bytes()[..] == new[..], "the parent does not see its device write");
+    let s = stats(ctx.variant())?;
+    settled(ctx.variant(), s.get("allocated")).map(|_| ())
+}
+
+fn fork_child_migrates(ctx: &Ctx) -> R {
+    let map = Map::anon(64 * PAGE)?;
+    let seed = seed(ctx, "child_migrates");
+    fill(map.bytes(), seed);
+    let path = ctx.path();
+    let addr = map.addr;
+    let ok = in_child(|| {
+        let dev = Dev::open(&path)?;
+        let n = dev.to_dev(addr, 64)?;
+        ensure_eq!(n, 64, "child's migration");
+        Ok(())
+    })?;
+    ensure!(ok, "the child's migration failed");
+    settled(ctx.variant(), 0)?;
+    verify(map.bytes(), seed, "parent's data after the child migrated shared pages")
+}
+
+fn munmap_on_device(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let pages = Map::anon(64 * PAGE)?;
+    let huge = Map::thp(THP)?;
+    fill(pages.bytes(), 3);
+    fill(huge.bytes(), 4);
+    to_dev_all(&dev, &pages)?;
+    to_dev_all(&dev, &huge)?;
+    settled(ctx.variant(), (64 + THP_PAGES) as u64)?;
+    drop(pages);
+    settled(ctx.variant(), THP_PAGES as u64)?;
+    drop(huge);
+    settled(ctx.variant(), 0).map(|_| ())
+}
+
+fn munmap_half_thp(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::thp(THP)?;
+    let seed = seed(ctx, "half_thp");
+    fill(map.bytes(), seed);
+    to_dev_all(&dev, &map)?;
+    settled(ctx.variant(), THP_PAGES as u64)?;
+    // SAFETY: Unmaps the second half of our own mapping.
+    unsafe { libc::munmap(map.page(THP_PAGES / 2) as *mut _, THP / 2) };
+    let s = stats(ctx.variant())?;
+    settled(ctx.variant(), s.get("allocated"))?;
+    let mut want = vec![0u8; THP];
+    fill(&mut want, seed);
+    // SAFETY: The first half is still mapped.
+    let first = unsafe { std::slice::from_raw_parts(map.addr as *const u8, THP / 2) };
+    ensure!(first == &want[..THP / 2], "the mapped half lost its data");
+    // SAFETY: Unmaps the first half.
+    unsafe { libc::munmap(map.addr as *mut _, THP / 2) };
+    map.forget();
+    settled(ctx.variant(), 0).map(|_| ())
+}
+
+fn mremap_to(map: &Map, flags: i32) -> R<usize> {
+    let dst = Map::anon(map.len)?;
+    let to = dst.addr;
+    dst.forget();
+    // SAFETY: Moves our own mapping over the placeholder `dst`.
+    let p = unsafe {
+        libc::mremap(
+            map.addr as *mut _,
+            map.len,
+            map.len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | flags,
+            to as *mut libc::c_void,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(p as usize)
+}
+
+fn mremap_move(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(64 * PAGE)?;
+    let seed = seed(ctx, "mremap");
+    fill(map.bytes(), seed);
+    to_dev_all(&dev, &map)?;
+    let to = mremap_to(&map, 0)?;
+    let len = map.len;
+    map.forget();
+    let moved = Map { addr: to, len };
+    settled(ctx.variant(), 64)?;
+    on_device(ctx, &dev, &moved, |_| true)?;
+    verify(moved.bytes(), seed, "data at the new address")?;
+    if coherent(ctx) {
+        dev.to_sys(moved.addr, 64)?;
+    }
+    settled(ctx.variant(), 0).map(|_| ())
+}
+
+fn mremap_dontunmap(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(64 * PAGE)?;
+    let seed = seed(ctx, "dontunmap");
+    fill(map.bytes(), seed);
+    to_dev_all(&dev, &map)?;
+    let to = mremap_to(&map, libc::MREMAP_DONTUNMAP)?;
+    let moved = Map { addr: to, len: map.len };
+    // The pages moved; the old range stays mapped, empty.
+    settled(ctx.variant(), 64)?;
+    on_device(ctx, &dev, &moved, |_| true)?;
+    verify_zero(map.bytes(), "old range after MREMAP_DONTUNMAP")?;
+    verify(moved.bytes(), seed, "data at the new address")?;
+    if coherent(ctx) {
+        dev.to_sys(moved.addr, 64)?;
+    }
+    settled(ctx.variant(), 0).map(|_| ())
+}
+
+fn madvise(map: &Map, advice: i32) -> R {
+    // SAFETY: Advises on our own mapping.
+    if unsafe { libc::madvise(map.addr as *mut _, map.len, advice) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(())
+}
+
+fn madvise_dontneed(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(64 * PAGE)?;
+    fill(map.bytes(), 5);
+    to_dev_all(&dev, &map)?;
+    madvise(&map, libc::MADV_DONTNEED)?;
+    settled(ctx.variant(), 0)?;
+    verify_zero(map.bytes(), "after MADV_DONTNEED")
+}
+
+fn madvise_free(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(64 * PAGE)?;
+    let seed = seed(ctx, "madv_free");
+    fill(map.bytes(), seed);
+    to_dev_all(&dev, &map)?;
+    madvise(&map, libc::MADV_FREE)?;
+    let s = stats(ctx.variant())?;
+    settled(ctx.variant(), s.get("allocated"))?;
+    // Each page is either intact or reclaimed to zero, never anything else.
+    let mut want = vec![0u8; map.len];
+    fill(&mut want, seed);
+    for p in 0..64 {
+        let got = &map.bytes()[p * PAGE..(p + 1) * PAGE];
+        let w = &want[p * PAGE..(p + 1) * PAGE];
+        ensure!(got == w || got.iter().all(|&b| b == 0), "page {p} is neither data nor zero");
+    }
+    if coherent(ctx) {
+        dev.to_sys(map.addr, 64)?;
+    }
+    drop(map);
+    settled(ctx.variant(), 0).map(|_| ())
+}
+
+/// Threads migrate the same and neighbouring ranges to the device while others fault them
+/// back by writing and checking their own words of every page, and another forks children
+/// that read the range; for a bounded time. No word may ever be lost.
+fn concurrent(ctx: &Ctx) -> R {
+    const PAGES: usize = 256;
+    const WRITERS: usize = 2;
+    let map = Arc::new(Map::anon(PAGES * PAGE)?);
+    map.bytes().fill(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let migrations = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+    // Migrators: two on the whole range, one on each half.
+    for (first, n) in [(0, PAGES), (0, PAGES), (0, PAGES / 2), (PAGES / 2, PAGES / 2)] {
+        let (map, stop, migrations, path) = (map.clone(), stop.clone(), migrations.clone(), ctx.path());
+        threads.push(std::thread::spawn(move || -> Result<(), String> {
+            let dev = Dev::open(&path).map_err(|e| format!("{e:?}"))?;
+            while !stop.load(Ordering::Relaxed) {
+                match dev.to_dev(map.page(first), n) {
+                    // Racing with faults: some pages may be back already (ENOENT on readback)
+                    // or busy; device memory is plenty.
+                    Ok(_) => {}
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EBUSY)) => {}
+                    Err(e) => return Err(format!("MIGRATE_TO_DEV: {e}")),
+                }
+                migrations.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+    // Writers: each owns one u64 per page and checks it before writing the next value.
+    for w in 0..WRITERS {
+        let (map, stop, errors) = (map.clone(), stop.clone(), errors.clone());
+        threads.push(std::thread::spawn(move || -> Result<(), String> {
+            let mut last = vec![0u64; PAGES];
+            let mut r = Rng::new(w as u64 + 7);
+            let mut value = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let p = r.below(PAGES as u64) as usize;
+                let word = (map.page(p) + w * 8) as *mut u64;
+                // SAFETY: The word is inside the mapping and only this thread writes it; the
+                // volatile accesses are real memory accesses each time (faulting pages back).
+                let old = unsafe { std::ptr::read_volatile(word) };
+                if old != last[p] {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+                value += 1;
+                // SAFETY: As above.
+                unsafe { std::ptr::write_volatile(word, value) };
+                last[p] = value;
+            }
+            // Every word must hold the last value written to it.
+            for (p, &v) in last.iter().enumerate() {
+                // SAFETY: As above.
+                if unsafe { std::ptr::read_volatile((map.page(p) + w * 8) as *const u64) } != v {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(())
+        }));
+    }
+    // A forker: children read the range and exit.
+    {
+        let (map, stop) = (map.clone(), stop.clone());
+        threads.push(std::thread::spawn(move || -> Result<(), String> {
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: The child only reads memory and exits.
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    let sum: u64 = map.bytes().iter().step_by(PAGE).map(|&b| u64::from(b)).sum();
+                    std::hint::black_box(sum);
+                    // SAFETY: Ends the child.
+                    unsafe { libc::_exit(0) };
+                }
+                let mut status = 0;
+                // SAFETY: Waits for our child.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+                    return Err(format!("a forked reader died: {status:#x}"));
+                }
+            }
+            Ok(())
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(8));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join()
+            .map_err(|_| Fail::Fail("a thread panicked".into()))?
+            .map_err(Fail::Fail)?;
+    }
+    diag!("{} migrations", migrations.load(Ordering::Relaxed));
+    ensure_eq!(errors.load(Ordering::Relaxed), 0, "words lost or reordered");
+    ensure!(migrations.load(Ordering::Relaxed) > 0, "no migration ran");
+    let s = stats(ctx.variant())?;
+    settled(ctx.variant(), s.get("allocated"))?;
+    drop(map);
+    settled(ctx.variant(), 0).map(|_| ())
+}
+
+/// The device's capacity in pages with the suite's module arguments; for the private device
+/// the module is reloaded with `max_chunks=1`.
+fn capacity_enomem(ctx: &Ctx) -> R {
+    let reload = !coherent(ctx);
+    if reload {
+        inspect::unload()?;
+        let mut args = ctx.config.args.clone();
+        args.push("max_chunks=1".into());
+        inspect::load(ctx.config, &args)?;
+    }
+    let result = (|| {
+        let dev = Dev::open(&ctx.path())?;
+        let cap = {
+            let s = stats(ctx.variant())?;
+            s.get("max_chunks") * s.get("chunk_pages")
+        };
+        let map = Map::thp(cap as usize * PAGE + THP)?;
+        fill(map.bytes(), 6);
+        let err = dev.to_dev(map.addr, map.npages()).unwrap_err();
+        ensure_eq!(err.raw_os_error(), Some(libc::ENOMEM), "migrating past the capacity");
+        let s = settled(ctx.variant(), cap)?;
+        ensure_eq!(s.get("free"), 0, "free pages of a full device");
+        drop(map);
+        settled(ctx.variant(), 0)?;
+        // After the pressure, the device works again.
+        let small = Map::anon(16 * PAGE)?;
+        fill(small.bytes(), 7);
+        to_dev_all(&dev, &small)?;
+        verify(small.bytes(), 7, "after the device was full")
+    })();
+    if reload {
+        inspect::unload()?;
+        inspect::load(ctx.config, &ctx.config.args)?;
+    }
+    result
+}
+
+fn fail_alloc_every_path(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    // MIGRATE_TO_DEV, one page: that page stays in system memory, the rest go.
+    let pages = Map::anon(8 * PAGE)?;
+    fill(pages.bytes(), 8);
+    dev.fail_next_alloc()?;
+    let r = dev.to_dev(pages.addr, 8);
+    ensure!(
+        r.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::ENOENT),
+        "MIGRATE_TO_DEV with a failed allocation: {r:?}"
+    );
+    let snap = dev.snapshot(pages.addr, 8)?;
+    let on = snap.iter().filter(|&&s| s & hmm::PROT_DEV_MASK == local_prot(coherent(ctx))).count();
+    ensure_eq!(on, 7, "pages on the device after one failed allocation");
+    settled(ctx.variant(), 7)?;
+    verify(pages.bytes(), 8, "pages after the failed allocation")?;
+    if coherent(ctx) {
+        dev.to_sys(pages.addr, 8)?;
+    }
+    settled(ctx.variant(), 0)?;
+    // MIGRATE_TO_DEV, a THP: the device THP fails, it goes page by page.
+    let huge = Map::thp(THP)?;
+    fill(huge.bytes(), 9);
+    dev.fail_next_alloc()?;
+    to_dev_all(&dev, &huge)?;
+    let s = settled(ctx.variant(), THP_PAGES as u64)?;
+    ensure_eq!(s.get("large_folios"), 0, "device THPs after a failed THP allocation");
+    verify(&dev.read(huge.addr, THP_PAGES)?, 9, "device read")?;
+    dev.to_sys(huge.addr, THP_PAGES)?;
+    settled(ctx.variant(), 0)?;
+    verify(huge.bytes(), 9, "back from the device")?;
+    // MIGRATE_TO_SYS of a device THP with a failed system THP: it comes back page by page
+    // (device-private; a coherent THP stays where the CPU can reach it).
+    let huge2 = Map::thp(THP)?;
+    fill(huge2.bytes(), 10);
+    to_dev_all(&dev, &huge2)?;
+    dev.fail_next_alloc()?;
+    let back = dev.to_sys(huge2.addr, THP_PAGES)?;
+    if coherent(ctx) {
+        diag!("coherent THP back with a failed system THP: {back} pages");
+    } else {
+        ensure_eq!(back, THP_PAGES as u64, "pages back after a failed system THP");
+    }
+    let s = stats(ctx.variant())?;
+    settled(ctx.variant(), s.get("allocated"))?;
+    verify(huge2.bytes(), 10, "device THP back after a failed allocation")?;
+    drop(huge2);
+    settled(ctx.variant(), 0).map(|_| ())
+}
+
+fn kill_mid_migration(ctx: &Ctx) -> R {
+    // Held open here, so the counters outlive each child.
+    let _dev = Dev::open(&ctx.path())?;
+    let mut r = Rng::new(seed(ctx, "kill"));
+    for round in 0..6 {
+        let path = ctx.path();
+        // SAFETY: The child loops migrating until it is killed.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let run = || -> R {
+                let dev = Dev::open(&path)?;
+                let map = Map::thp(4 * THP)?;
+                fill(map.bytes(), 11);
+                loop {
+                    let _ = dev.to_dev(map.addr, map.npages());
+                    let _ = dev.to_sys(map.addr, map.npages() / 2);
+                    std::hint::black_box(map.bytes()[map.len - 1]);
+                }
+            };
+            let _ = run();
+            // SAFETY: Ends the child.
+            unsafe { libc::_exit(1) };
+        }
+        std::thread::sleep(Duration::from_millis(200 + r.below(800)));
+        // SAFETY: Kills and reaps our child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+        settled(ctx.variant(), 0).map_err(|e| match e {
+            Fail::Fail(m) => Fail::Fail(format!("round {round}: {m}")),
+            s => s,
+        })?;
+    }
+    Ok(())
+}
+
+/// Migrates a pattern of pages and a THP to the device; returns the maps and seeds.
+fn some_on_device(ctx: &Ctx, dev: &Dev) -> R<(Map, Map)> {
+    let pages = Map::anon(64 * PAGE)?;
+    let huge = Map::thp(THP)?;
+    fill(pages.bytes(), seed(ctx, "evict_pages"));
+    fill(huge.bytes(), seed(ctx, "evict_thp"));
+    to_dev_all(dev, &pages)?;
+    to_dev_all(dev, &huge)?;
+    settled(ctx.variant(), (64 + THP_PAGES) as u64)?;
+    Ok((pages, huge))
+}
+
+fn back_intact(ctx: &Ctx, pages: &Map, huge: &Map) -> R {
+    let check = Dev::open(&ctx.path())?;
+    on_device(ctx, &check, pages, |_| false)?;
+    on_device(ctx, &check, huge, |_| false)?;
+    verify(pages.bytes(), seed(ctx, "evict_pages"), "pages after eviction")?;
+    verify(huge.bytes(), seed(ctx, "evict_thp"), "THP after eviction")
+}
+
+fn last_close_with_pages(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let (pages, huge) = some_on_device(ctx, &dev)?;
+    let before = stats(ctx.variant())?.get("evictions");
+    drop(dev);
+    let s = settled(ctx.variant(), 0)?;
+    ensure_eq!(s.get("chunks"), 0, "chunks after the last close");
+    ensure_eq!(s.get("evictions"), before + 1, "evictions");
+    back_intact(ctx, &pages, &huge)
+}
+
+fn release_with_pages(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let (pages, huge) = some_on_device(ctx, &dev)?;
+    // The ABI checks the range of every command, RELEASE's too, though it evicts everything.
+    let err = dev.cmd(hmm::RELEASE, 0, 0, 0).unwrap_err();
+    ensure_eq!(err.raw_os_error(), Some(libc::EINVAL), "RELEASE with no range");
+    dev.release(pages.addr, 1)?;
+    let s = settled(ctx.variant(), 0)?;
+    ensure_eq!(s.get("chunks"), 0, "chunks after RELEASE");
+    back_intact(ctx, &pages, &huge)?;
+    // The device works after RELEASE.
+    to_dev_all(&dev, &pages)?;
+    verify(pages.bytes(), seed(ctx, "evict_pages"), "migrated again after RELEASE")
+}
+
+fn rmmod_with_pages(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let (pages, huge) = some_on_device(ctx, &dev)?;
+    drop(dev);
+    inspect::unload()?;
+    let result = (|| {
+        verify(pages.bytes(), seed(ctx, "evict_pages"), "pages after rmmod")?;
+        verify(huge.bytes(), seed(ctx, "evict_thp"), "THP after rmmod")
+    })();
+    inspect::load(ctx.config, &ctx.config.args)?;
+    result?;
+    settled(ctx.variant(), 0).map(|_| ())
+}

@@ -1,0 +1,277 @@
+//! The ioctl ABI of `lib/test_hmm_uapi.h`, anonymous buffers, and data patterns.
+
+use crate::harness::{Fail, R};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+pub const PAGE: usize = 4096;
+/// Pages in a PMD-sized huge page.
+pub const THP_PAGES: usize = 512;
+pub const THP: usize = PAGE * THP_PAGES;
+
+/// `struct hmm_dmirror_cmd`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cmd {
+    pub addr: u64,
+    pub ptr: u64,
+    pub npages: u64,
+    pub cpages: u64,
+    pub faults: u64,
+}
+
+/// `_IOWR('H', nr, struct hmm_dmirror_cmd)`.
+const fn iowr(nr: u64) -> u64 {
+    (3 << 30) | ((std::mem::size_of::<Cmd>() as u64) << 16) | ((b'H' as u64) << 8) | nr
+}
+
+pub const READ: u64 = iowr(0);
+pub const WRITE: u64 = iowr(1);
+pub const MIGRATE_TO_DEV: u64 = iowr(2);
+pub const MIGRATE_TO_SYS: u64 = iowr(3);
+pub const SNAPSHOT: u64 = iowr(4);
+pub const RELEASE: u64 = iowr(7);
+pub const FLAGS: u64 = iowr(8);
+
+/// FLAGS bit: fail the next device memory allocation.
+pub const FLAG_FAIL_ALLOC: u64 = 1;
+
+/// SNAPSHOT: the page is in this device's memory (private or coherent).
+pub const PROT_DEV_PRIVATE_LOCAL: u8 = 0x20;
+pub const PROT_DEV_COHERENT_LOCAL: u8 = 0x40;
+pub const PROT_PMD: u8 = 0x04;
+pub const PROT_DEV_MASK: u8 = 0xf0;
+
+/// An open device node.
+pub struct Dev {
+    fd: OwnedFd,
+}
+
+impl Dev {
+    pub fn open(path: &str) -> R<Dev> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| Fail::Fail(format!("open {path}: {e}")))?;
+        Ok(Dev { fd: f.into() })
+    }
+
+    /// Issues `req` on `[addr, addr + npages pages)` with `ptr`; returns the command block.
+    pub fn cmd(&self, req: u64, addr: usize, ptr: usize, npages: usize) -> io::Result<Cmd> {
+        let mut c = Cmd {
+            addr: addr as u64,
+            ptr: ptr as u64,
+            npages: npages as u64,
+            ..Cmd::default()
+        };
+        // SAFETY: `c` is a valid `struct hmm_dmirror_cmd` for the duration of the call; the
+        // driver reads and writes only it and the user memory it names.
+        let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), req as _, &mut c) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(c)
+        }
+    }
+
+    /// Migrates the pages to the device; returns how many moved (`cpages`). The driver
+    /// copies the migrated data out to a buffer, as the ABI wants.
+    pub fn to_dev(&self, addr: usize, npages: usize) -> io::Result<u64> {
+        let mut buf = vec![0u8; npages * PAGE];
+        self.cmd(MIGRATE_TO_DEV, addr, buf.as_mut_ptr() as usize, npages)
+            .map(|c| c.cpages)
+    }
+
+    /// Migrates this device's pages back to system memory; returns `cpages`.
+    pub fn to_sys(&self, addr: usize, npages: usize) -> io::Result<u64> {
+        self.cmd(MIGRATE_TO_SYS, addr, 0, npages).map(|c| c.cpages)
+    }
+
+    /// Reads the pages through the device's mirror.
+    pub fn read(&self, addr: usize, npages: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; npages * PAGE];
+        self.cmd(READ, addr, buf.as_mut_ptr() as usize, npages)?;
+        Ok(buf)
+    }
+
+    /// Writes the pages through the device's mirror.
+    pub fn write(&self, addr: usize, data: &[u8]) -> io::Result<()> {
+        self.cmd(WRITE, addr, data.as_ptr() as usize, data.len() / PAGE)
+            .map(|_| ())
+    }
+
+    /// One SNAPSHOT byte per page.
+    pub fn snapshot(&self, addr: usize, npages: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; npages];
+        self.cmd(SNAPSHOT, addr, buf.as_mut_ptr() as usize, npages)?;
+        Ok(buf)
+    }
+
+    /// Evicts all device memory (the range must be a valid one, though it is not used).
+    pub fn release(&self, addr: usize, npages: usize) -> io::Result<()> {
+        self.cmd(RELEASE, addr, 0, npages).map(|_| ())
+    }
+
+    /// Makes the next device memory allocation fail.
+    pub fn fail_next_alloc(&self) -> io::Result<()> {
+        self.cmd(FLAGS, 0, 0, FLAG_FAIL_ALLOC as usize).map(|_| ())
+    }
+}
+
+/// An anonymous private mapping, unmapped on drop (unless `forget`).
+pub struct Map {
+    pub addr: usize,
+    pub len: usize,
+}
+
+impl Map {
+    /// Maps `len` bytes read-write.
+    pub fn anon(len: usize) -> R<Map> {
+        Self::anon_aligned(len, PAGE, false)
+    }
+
+    /// Maps `len` bytes aligned to a huge page, with `MADV_HUGEPAGE` so the first touch of
+    /// each aligned 2 MiB gets a THP.
+    pub fn thp(len: usize) -> R<Map> {
+        Self::anon_aligned(len, THP, true)
+    }
+
+    fn anon_aligned(len: usize, align: usize, huge: bool) -> R<Map> {
+        let total = len + align;
+        // SAFETY: A fresh anonymous mapping; nothing else refers to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error().into());
+        }
+        let base = p as usize;
+        let addr = base.next_multiple_of(align);
+        // SAFETY: Trims the parts of our own mapping outside `[addr, addr + len)`.
+        unsafe {
+            if addr > base {
+                libc::munmap(base as *mut _, addr - base);
+            }
+            let end = addr + len;
+            if base + total > end {
+                libc::munmap(end as *mut _, base + total - end);
+            }
+            if huge {
+                libc::madvise(addr as *mut _, len, libc::MADV_HUGEPAGE);
+            }
+        }
+        Ok(Map { addr, len })
+    }
+
+    pub fn npages(&self) -> usize {
+        self.len / PAGE
+    }
+
+    /// The mapping's bytes.
+    ///
+    /// Handed out from `&self` on purpose: the mapping is memory the kernel migrates and
+    /// writes behind the program's back, and the cases share it with threads and forked
+    /// children; each case uses one view at a time.
+    #[allow(clippy::mut_from_ref)]
+    pub fn bytes(&self) -> &mut [u8] {
+        // SAFETY: The mapping is ours, readable and writable while `self` lives (tests that
+        // change its protection do not call this meanwhile). Device pages are migrated back
+        // on access by the kernel, so plain memory accesses are valid.
+        unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
+    }
+
+    /// Page `i`'s address.
+    pub fn page(&self, i: usize) -> usize {
+        self.addr + i * PAGE
+    }
+
+    /// Leaves the mapping in place (the test unmapped or moved it itself).
+    pub fn forget(self) {
+        std::mem::forget(self)
+    }
+}
+
+impl Drop for Map {
+    fn drop(&mut self) {
+        // SAFETY: Unmaps our own mapping.
+        unsafe { libc::munmap(self.addr as *mut _, self.len) };
+    }
+}
+
+/// A small seeded generator (xorshift64*), so that failures replay with the same seed.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Fills `buf` with the pattern of `seed`.
+pub fn fill(buf: &mut [u8], seed: u64) {
+    let mut r = Rng::new(seed);
+    for c in buf.chunks_mut(8) {
+        let v = r.next().to_le_bytes();
+        c.copy_from_slice(&v[..c.len()]);
+    }
+}
+
+/// Checks `buf` against the pattern of `seed`; the error names the first differing byte.
+pub fn verify(buf: &[u8], seed: u64, what: &str) -> R {
+    let mut r = Rng::new(seed);
+    for (i, c) in buf.chunks(8).enumerate() {
+        let v = r.next().to_le_bytes();
+        if c != &v[..c.len()] {
+            let at = i * 8 + c.iter().zip(v.iter()).position(|(a, b)| a != b).unwrap_or(0);
+            return Err(Fail::Fail(format!(
+                "{what}: byte {at} (page {}) differs from the pattern",
+                at / PAGE
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `buf` is all zeroes.
+pub fn verify_zero(buf: &[u8], what: &str) -> R {
+    match buf.iter().position(|&b| b != 0) {
+        None => Ok(()),
+        Some(at) => Err(Fail::Fail(format!(
+            "{what}: byte {at} (page {}) is not zero",
+            at / PAGE
+        ))),
+    }
+}
+
+/// The SNAPSHOT value of a page in the memory of a device of this kind.
+pub fn local_prot(coherent: bool) -> u8 {
+    if coherent {
+        PROT_DEV_COHERENT_LOCAL
+    } else {
+        PROT_DEV_PRIVATE_LOCAL
+    }
+}

@@ -1,0 +1,19 @@
+//! dmirror-suite: the guest's zero-refcount test suite, kselftest style (KTAP on stdout).
+//!
+//! Run as root in the bench guest with dmirror.ko at hand:
+//! `dmirror-suite [-l] [-t NAME]... [--seed N] [--module KO] [--arg ARG]...`
+
+mod device;
+mod harness;
+mod hmm;
+mod inspect;
+mod module;
+
+fn main() {
+    let cases: Vec<_> = device::CASES
+        .iter()
+        .chain(module::CASES)
+        .map(|c| harness::Case { ..*c })
+        .collect();
+    std::process::exit(harness::main(&cases))
+}
