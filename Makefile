@@ -73,10 +73,20 @@ suite:
 	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
 		--target x86_64-unknown-linux-gnu -p dmirror-suite
 
-initramfs: module canary selftest suite
+# The FS-DAX cases' file system: ext4 for /dev/pmem0 (256 MiB), written there
+# in the guest (busybox has no mkfs).
+FSDAX_IMG := $(BUILD)/fsdax.img.gz
+$(FSDAX_IMG):
+	@mkdir -p $(BUILD)
+	rm -f $(BUILD)/fsdax.img && truncate -s 256M $(BUILD)/fsdax.img
+	/usr/sbin/mkfs.ext4 -q -F -b 4096 -E nodiscard -L fsdax $(BUILD)/fsdax.img
+	gzip -1 -c $(BUILD)/fsdax.img >$@.tmp && mv $@.tmp $@ && rm -f $(BUILD)/fsdax.img
+
+initramfs: module canary selftest suite $(FSDAX_IMG)
 	$(ROOT)/scripts/mkinitramfs $(KDIR) $(BUILD)/initramfs.cpio.gz \
 		$(ROOT)/dmirror.ko $(ROOT)/tests/canary/bench_canary.ko \
-		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/dmirror_evict $(SUITE)
+		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/dmirror_evict $(SUITE) \
+		$(FSDAX_IMG)
 
 host-test:
 	cargo test --quiet --workspace

@@ -19,10 +19,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Guest memory: RAM, the legacy pmem region and the reserved range for
-/// coherent devices (KERNEL-NOTES §2).
+/// Guest memory: RAM, two legacy pmem regions (`/dev/pmem0` for FS-DAX,
+/// `/dev/pmem1` for O_DIRECT and device-DAX; RAM between them keeps them
+/// apart) and the reserved range for coherent devices (KERNEL-NOTES §2).
 const GUEST_MEM: &str = "3G";
-const PMEM: &str = "memmap=512M!1G";
+const PMEM: &[&str] = &["memmap=256M!1G", "memmap=128M!1408M"];
 const SPM_RANGE: &str = "memmap=512M$1536M";
 const SPM0: &str = "0x60000000";
 const SPM1: &str = "0x70000000";
@@ -133,7 +134,8 @@ fn run(args: RunArgs) -> Result<bool, String> {
         "loglevel=4".into(),
         "panic=-1".into(),
         "no_hash_pointers".into(),
-        PMEM.into(),
+        PMEM[0].into(),
+        PMEM[1].into(),
         SPM_RANGE.into(),
         format!("dmirror.plan={}", args.plan),
         format!("dmirror.spm0={SPM0}"),

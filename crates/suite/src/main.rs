@@ -3,6 +3,7 @@
 //! Run as root in the bench guest with dmirror.ko at hand:
 //! `dmirror-suite [-l] [-t NAME]... [--seed N] [--module KO] [--arg ARG]...`
 
+mod dax;
 mod device;
 mod harness;
 mod hmm;
@@ -13,6 +14,7 @@ fn main() {
     let cases: Vec<_> = device::CASES
         .iter()
         .chain(module::CASES)
+        .chain(dax::CASES)
         .map(|c| harness::Case { ..*c })
         .collect();
     std::process::exit(harness::main(&cases))
