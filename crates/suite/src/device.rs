@@ -398,8 +398,8 @@ fn fork_device_write(ctx: &Ctx) -> R {
     let mut new = vec![0u8; map.len];
     fill(&mut new, seed ^ 1);
     let wrote = dev.write(map.addr, &new);
-    // SAFETY: Lets the child go on, then waits for it.
     let mut status = 0;
+    // SAFETY: Lets the child go on, then waits for it.
     unsafe {
         libc::write(fds[1], b"x".as_ptr().cast(), 1);
         libc::waitpid(pid, &mut status, 0);
@@ -608,8 +608,8 @@ fn concurrent(ctx: &Ctx) -> R {
             while !stop.load(Ordering::Relaxed) {
                 let p = r.below(PAGES as u64) as usize;
                 let word = (map.page(p) + w * 8) as *mut u64;
-                // SAFETY: The word is inside the mapping and only this thread writes it; the
-                // volatile accesses are real memory accesses each time (faulting pages back).
+                // Volatile: a real memory access each time, which faults the page back.
+                // SAFETY: The word is inside the mapping and only this thread writes it.
                 let old = unsafe { std::ptr::read_volatile(word) };
                 if old != last[p] {
                     errors.fetch_add(1, Ordering::Relaxed);

@@ -6,7 +6,6 @@
 //! counters before and after: nothing allocated, every free page at refcount zero.
 
 use crate::inspect::{self, Kmsg};
-use std::fmt;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -100,6 +99,7 @@ pub enum Fixture {
 }
 
 /// One test case.
+#[derive(Clone, Copy)]
 pub struct Case {
     pub name: &'static str,
     pub fixture: Fixture,
@@ -133,12 +133,6 @@ impl Ctx<'_> {
     /// The device node of the case's variant.
     pub fn path(&self) -> String {
         format!("/dev/{}", self.variant().device())
-    }
-}
-
-impl fmt::Display for Variant {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
     }
 }
 
@@ -380,7 +374,6 @@ fn fork_case(case: &Case, ctx: &Ctx<'_>) -> R {
     // Grandchildren the case left behind go with it.
     // SAFETY: Signals the case's own process group.
     unsafe { libc::kill(-pid, libc::SIGKILL) };
-    inspect::reap_group(pid);
     let mut out = Vec::new();
     let _ = std::fs::File::from(rd).read_to_end(&mut out);
     if timed_out {

@@ -67,8 +67,8 @@ impl Dev {
             npages: npages as u64,
             ..Cmd::default()
         };
-        // SAFETY: `c` is a valid `struct hmm_dmirror_cmd` for the duration of the call; the
-        // driver reads and writes only it and the user memory it names.
+        // The driver reads and writes only `c` and the user memory it names.
+        // SAFETY: `c` is a valid `struct hmm_dmirror_cmd` for the duration of the call.
         let r = unsafe { libc::ioctl(self.fd.as_raw_fd(), req as _, &mut c) };
         if r < 0 {
             Err(io::Error::last_os_error())
@@ -184,9 +184,9 @@ impl Map {
     /// children; each case uses one view at a time.
     #[allow(clippy::mut_from_ref)]
     pub fn bytes(&self) -> &mut [u8] {
-        // SAFETY: The mapping is ours, readable and writable while `self` lives (tests that
-        // change its protection do not call this meanwhile). Device pages are migrated back
-        // on access by the kernel, so plain memory accesses are valid.
+        // Device pages are migrated back on access by the kernel, so plain accesses are valid;
+        // cases that change the mapping's protection do not call this meanwhile.
+        // SAFETY: The mapping is ours, readable and writable while `self` lives.
         unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
     }
 

@@ -5,6 +5,7 @@ use crate::harness::{Config, Fail, Variant, R};
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::Command;
 
 const DEBUGFS: &str = "/sys/kernel/debug/dmirror";
@@ -117,7 +118,7 @@ pub fn probe(pfn: u64) -> R<Option<Probe>> {
 
 /// Returns the page frame mapped at `addr` in this process (`/proc/self/pagemap`), if present.
 pub fn pfn_of(addr: usize) -> R<Option<u64>> {
-    let mut f = std::fs::File::open("/proc/self/pagemap")?;
+    let f = std::fs::File::open("/proc/self/pagemap")?;
     let mut buf = [0u8; 8];
     let off = (addr / 4096 * 8) as i64;
     // SAFETY: Reads 8 bytes into `buf` from an open file.
@@ -125,7 +126,6 @@ pub fn pfn_of(addr: usize) -> R<Option<u64>> {
     if n != 8 {
         return Err(std::io::Error::last_os_error().into());
     }
-    let _ = f.read(&mut []);
     let e = u64::from_le_bytes(buf);
     Ok(if e & (1 << 63) != 0 {
         Some(e & ((1 << 55) - 1))
@@ -173,7 +173,7 @@ impl Kmsg {
         Kmsg(
             std::fs::OpenOptions::new()
                 .read(true)
-                .custom_flags_nonblock()
+                .custom_flags(libc::O_NONBLOCK)
                 .open("/dev/kmsg")
                 .ok(),
         )
@@ -214,20 +214,9 @@ impl Kmsg {
         out
     }
 
-    /// Returns the report lines since the last call, each with the line before it.
+    /// Returns the report lines since the last call.
     pub fn reports(&mut self) -> Vec<String> {
         self.lines().into_iter().filter(|l| is_report(l)).collect()
-    }
-}
-
-trait NonBlock {
-    fn custom_flags_nonblock(&mut self) -> &mut Self;
-}
-
-impl NonBlock for std::fs::OpenOptions {
-    fn custom_flags_nonblock(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_NONBLOCK)
     }
 }
 
@@ -277,9 +266,3 @@ pub fn ensure_loaded(config: &Config) -> R {
     load(config, &config.args)
 }
 
-/// Reaps whatever is left of process group `pgid`.
-pub fn reap_group(pgid: i32) {
-    let mut status = 0;
-    // SAFETY: Reaps children of ours in that group, without blocking.
-    while unsafe { libc::waitpid(-pgid, &mut status, libc::WNOHANG) } > 0 {}
-}

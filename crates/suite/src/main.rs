@@ -15,7 +15,7 @@ fn main() {
         .iter()
         .chain(module::CASES)
         .chain(dax::CASES)
-        .map(|c| harness::Case { ..*c })
+        .copied()
         .collect();
     std::process::exit(harness::main(&cases))
 }
