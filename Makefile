@@ -36,7 +36,7 @@ KMAKE = $(MAKE) -C $(KDIR) LLVM=-19 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdo
 	CLIPPY_DRIVER=/usr/bin/clippy-driver \
 	BINDGEN=$(HOME)/.cargo/bin/bindgen
 
-.PHONY: all module clippy rust-analyzer kernel setup canary selftest tools suite \
+.PHONY: all module clippy rust-analyzer kernel setup canary selftest tools suite perf bench \
 	initramfs demo test check-dmirror check-suite host-test checkpatch clean
 
 all: module
@@ -73,6 +73,12 @@ suite:
 	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
 		--target x86_64-unknown-linux-gnu -p dmirror-suite
 
+# The benchmark's guest side, static like the suite.
+PERF := $(ROOT)/target/x86_64-unknown-linux-gnu/release/dmirror-perf
+perf:
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
+		--target x86_64-unknown-linux-gnu -p dmirror-perf
+
 # The FS-DAX cases' file system: ext4 for /dev/pmem0 (256 MiB), written there
 # in the guest (busybox has no mkfs).
 FSDAX_IMG := $(BUILD)/fsdax.img.gz
@@ -82,10 +88,10 @@ $(FSDAX_IMG):
 	/usr/sbin/mkfs.ext4 -q -F -b 4096 -E nodiscard -L fsdax $(BUILD)/fsdax.img
 	gzip -1 -c $(BUILD)/fsdax.img >$@.tmp && mv $@.tmp $@ && rm -f $(BUILD)/fsdax.img
 
-initramfs: module canary selftest suite $(FSDAX_IMG)
+initramfs: module canary selftest suite perf $(FSDAX_IMG)
 	$(ROOT)/scripts/mkinitramfs $(KDIR) $(BUILD)/initramfs.cpio.gz \
 		$(ROOT)/dmirror.ko $(ROOT)/tests/canary/bench_canary.ko \
-		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/dmirror_evict $(SUITE) \
+		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/dmirror_evict $(SUITE) $(PERF) \
 		$(FSDAX_IMG)
 
 host-test:
@@ -106,6 +112,15 @@ test: host-test initramfs tools
 	$(BENCH) run --plan test --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS)
+
+# The benchmark: one boot, both drivers; the report goes to results/<run>/bench/.
+# PERF_ARGS="--reps 3 --sizes 2,32" for a shorter run (passed with ~ for spaces).
+PERF_ARGS ?=
+bench: initramfs tools
+	$(BENCH) run --plan bench --kernel $(KDIR)/arch/x86/boot/bzImage \
+		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
+		$(BENCH_ARGS) --append dmirror.suite_timeout=3600 \
+		$(if $(PERF_ARGS),--append dmirror.perf=$(subst $(space),~,$(strip $(PERF_ARGS))))
 
 # For iterating on the driver: its suites only; HMM="-t NAME ..." filters hmm-tests.
 check-dmirror: initramfs tools

@@ -29,7 +29,7 @@ use kernel::{
             Census, DevPagemap, DeviceFault, DeviceFolio, DevicePagemapOps, FreedFolio, PagemapOwner,
             SplitFolio, VmFaultCode, PMD_ORDER, SECTION_SIZE,
         },
-        migrate::{LockedFolio, MigrateVma, Select},
+        migrate::{LockedFolio, MigrateVma, Select, COMPOUND_PAGES},
     },
     new_mutex, new_spinlock,
     page::PAGE_SIZE,
@@ -175,11 +175,12 @@ pub(crate) fn to_system(
     owner: &PagemapOwner<Chunk>,
     mut fail_next: impl FnMut() -> bool,
 ) -> Result {
+    // Destinations are filled while the source is borrowed from `mig`, handed over after;
+    // one array for the whole migration.
+    let mut dsts = KVec::with_capacity(mig.npages().min(COMPOUND_PAGES), GFP_KERNEL)?;
     let mut i = 0;
     while i < mig.npages() {
         let span = mig.span(i);
-        // Copied while the source is borrowed from `mig`, handed over after.
-        let mut dsts = KVec::with_capacity(span, GFP_KERNEL)?;
         {
             let src = mig.src(i);
             let found = mig.src_folio(i).and_then(|folio| {
@@ -218,7 +219,7 @@ pub(crate) fn to_system(
                 }
             }
         }
-        for (j, dst) in dsts {
+        for (j, dst) in dsts.drain_all() {
             mig.set_dst(j, dst)?;
         }
         i += span;
@@ -364,44 +365,54 @@ impl Device {
             None => Some(alloc_system(order)?),
         };
         let mut chunks = self.chunks.lock();
-        if !chunks.iter().any(|c| c.can_alloc(order)) {
-            if chunks.len() >= self.max_chunks {
-                pr_debug!("hmm_dmirror{}: device memory cap reached\n", self.id);
-                return Err(ENOMEM);
+        for c in chunks.iter() {
+            if let Ok(folio) = c.alloc(order) {
+                return Self::fill_new(folio, backing.as_mut(), f);
             }
-            let data = Chunk::new(&self.owner, self.chunk_size, self.is_coherent())?;
-            let chunk = match self.coherent {
-                None => DevPagemap::new_private(data, &self.owner, CHUNK_SIZE, c"hmm_dmirror"),
-                Some((base, _)) => DevPagemap::new_coherent(
-                    data,
-                    &self.owner,
-                    base + (chunks.len() * self.chunk_size) as u64,
-                    self.chunk_size,
-                    c"hmm_dmirror",
-                ),
-            }
-            .inspect_err(|e| pr_warn!("hmm_dmirror{}: new chunk failed: {:?}\n", self.id, e))?;
-            pr_info!(
-                "hmm_dmirror{}: added {} chunk {} ({} MiB) at pfn {:#x}\n",
-                self.id,
-                if self.is_coherent() {
-                    "coherent"
-                } else {
-                    "private"
-                },
-                chunks.len(),
-                self.chunk_size >> 20,
-                chunk.base_pfn()
-            );
-            chunks.push(chunk, GFP_KERNEL)?;
         }
-        // Pages are only allocated under `chunks`, so the room seen above is still there.
-        let folio = chunks
-            .iter()
-            .find_map(|c| c.alloc(order).ok())
-            .ok_or(ENOMEM)?;
+        // No chunk has room: add one, up to the cap.
+        if chunks.len() >= self.max_chunks {
+            pr_debug!("hmm_dmirror{}: device memory cap reached\n", self.id);
+            return Err(ENOMEM);
+        }
+        let data = Chunk::new(&self.owner, self.chunk_size, self.is_coherent())?;
+        let chunk = match self.coherent {
+            None => DevPagemap::new_private(data, &self.owner, CHUNK_SIZE, c"hmm_dmirror"),
+            Some((base, _)) => DevPagemap::new_coherent(
+                data,
+                &self.owner,
+                base + (chunks.len() * self.chunk_size) as u64,
+                self.chunk_size,
+                c"hmm_dmirror",
+            ),
+        }
+        .inspect_err(|e| pr_warn!("hmm_dmirror{}: new chunk failed: {:?}\n", self.id, e))?;
+        pr_info!(
+            "hmm_dmirror{}: added {} chunk {} ({} MiB) at pfn {:#x}\n",
+            self.id,
+            if self.is_coherent() {
+                "coherent"
+            } else {
+                "private"
+            },
+            chunks.len(),
+            self.chunk_size >> 20,
+            chunk.base_pfn()
+        );
+        chunks.push(chunk, GFP_KERNEL)?;
+        // Pages are only allocated under `chunks`: the new chunk is still empty.
+        let folio = chunks.last().ok_or(ENOMEM)?.alloc(order)?;
+        Self::fill_new(folio, backing.as_mut(), f)
+    }
+
+    /// Records the backing of a new device folio and hands both to `f` (see [`Self::alloc`]).
+    fn fill_new(
+        folio: DeviceFolio<'_, Chunk>,
+        backing: Option<&mut LockedFolio>,
+        f: impl FnOnce(DeviceFolio<'_, Chunk>, Storage<'_>) -> Result,
+    ) -> Result {
         let chunk = folio.pagemap().data();
-        match &mut backing {
+        match backing {
             Some(backing) => {
                 chunk.set_backing(folio.index(), backing.folio());
                 let table = chunk.table().clone();

@@ -48,6 +48,18 @@ use kernel::{
 /// How long a fault retries on concurrent invalidations before giving up with `EBUSY`.
 const FAULT_TIMEOUT_MS: i64 = 1000;
 
+/// Pages per bounce buffer between the mirror and user memory (512 KiB).
+const BOUNCE_PAGES: usize = 128;
+
+/// The user memory at `cmd.ptr` for the command's range.
+fn user(cmd: &Cmd) -> Result<UserSlice> {
+    let len = usize::try_from(cmd.npages)
+        .ok()
+        .and_then(|n| n.checked_mul(PAGE_SIZE))
+        .ok_or(EINVAL)?;
+    Ok(UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), len))
+}
+
 /// Pages faulted per `hmm_range_fault()` call.
 const FAULT_WINDOW: usize = 64;
 
@@ -149,9 +161,9 @@ fn reserve(n: usize) -> Result<KVec<RBTreeNodeReservation<usize, Entry>>> {
     Ok(v)
 }
 
-/// Allocates a zeroed buffer for `npages` pages, `ENOMEM` if that is too much.
+/// Allocates a zeroed buffer for `npages` pages (at most [`BOUNCE_PAGES`]).
 fn bounce(npages: usize) -> Result<KVVec<u8>> {
-    let len = npages.checked_mul(PAGE_SIZE).ok_or(ENOMEM)?;
+    let len = npages * PAGE_SIZE;
     let mut v = KVVec::with_capacity(len, GFP_KERNEL)?;
     v.resize(len, 0, GFP_KERNEL)?;
     Ok(v)
@@ -401,72 +413,84 @@ impl DmirrorFile {
     /// Copies the mirror of the whole range to `cmd.ptr` without faulting: `ENOENT` if a page
     /// is not mirrored (it did not reach the device).
     fn read_back(&self, cmd: &mut Cmd) -> Result {
-        let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
-        let mut buf = bounce(npages)?;
-        if self.copy_out(addr, 0, npages, &mut buf)? != npages {
-            return Err(ENOENT);
-        }
-        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), buf.len())
-            .writer()
-            .write_slice(&buf)?;
-        cmd.cpages = npages as u64;
+        let mut out = user(cmd)?.writer();
+        self.for_each_bounce(cmd, |start, n, buf| {
+            if self.copy_out(start, 0, n, buf)? != n {
+                return Err(ENOENT);
+            }
+            out.write_slice(buf)
+        })?;
+        cmd.cpages = cmd.npages;
         Ok(())
     }
 
     fn read(&self, cmd: &mut Cmd, unlocked: bool) -> Result {
         let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
+        let end = addr + npages * PAGE_SIZE;
         let mm = self.mm_user(EFAULT)?;
-        let mut buf = bounce(npages)?;
-        let mut done = 0;
-        loop {
-            done = self.copy_out(addr, done, npages, &mut buf)?;
-            if done == npages {
-                break;
+        let mut out = user(cmd)?.writer();
+        let mut faults = 0;
+        self.for_each_bounce(cmd, |start, n, buf| {
+            let mut done = 0;
+            loop {
+                done = self.copy_out(start, done, n, buf)?;
+                if done == n {
+                    return out.write_slice(buf);
+                }
+                // The rest of the range in one go, as the ABI counts faults.
+                self.fault(&mm, start + done * PAGE_SIZE, end, false, unlocked)?;
+                faults += 1;
             }
-            self.fault(
-                &mm,
-                addr + done * PAGE_SIZE,
-                addr + npages * PAGE_SIZE,
-                false,
-                unlocked,
-            )?;
-            cmd.faults += 1;
-        }
-        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), buf.len())
-            .writer()
-            .write_slice(&buf)?;
+        })?;
+        cmd.faults += faults;
         cmd.cpages = npages as u64;
         Ok(())
     }
 
     fn write(&self, cmd: &mut Cmd) -> Result {
         let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
+        let end = addr + npages * PAGE_SIZE;
         let mm = self.mm_user(EFAULT)?;
-        let mut buf = bounce(npages)?;
-        UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), buf.len())
-            .reader()
-            .read_slice(&mut buf)?;
-        let mut done = 0;
+        let mut input = user(cmd)?.reader();
+        let mut faults = 0;
         let started = Instant::<Monotonic>::now();
-        loop {
-            let before = done;
-            done = self.copy_in(addr, done, npages, &buf)?;
-            if done == npages {
-                break;
+        self.for_each_bounce(cmd, |start, n, buf| {
+            input.read_slice(buf)?;
+            let mut done = 0;
+            loop {
+                let before = done;
+                done = self.copy_in(start, done, n, buf)?;
+                if done == n {
+                    return Ok(());
+                }
+                if done == before && started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
+                    return Err(EBUSY);
+                }
+                self.fault(&mm, start + done * PAGE_SIZE, end, true, false)?;
+                faults += 1;
             }
-            if done == before && started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
-                return Err(EBUSY);
-            }
-            self.fault(
-                &mm,
-                addr + done * PAGE_SIZE,
-                addr + npages * PAGE_SIZE,
-                true,
-                false,
-            )?;
-            cmd.faults += 1;
-        }
+        })?;
+        cmd.faults += faults;
         cmd.cpages = npages as u64;
+        Ok(())
+    }
+
+    /// Runs `f(start, n, buf)` for each window of at most [`BOUNCE_PAGES`] pages of the
+    /// command's range, in order, with a bounce buffer of `n` pages: data moves between the
+    /// mirror and user memory a window at a time, never under the mirror lock.
+    fn for_each_bounce(
+        &self,
+        cmd: &Cmd,
+        mut f: impl FnMut(usize, usize, &mut [u8]) -> Result,
+    ) -> Result {
+        let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
+        let mut buf = bounce(npages.min(BOUNCE_PAGES))?;
+        let mut first = 0;
+        while first < npages {
+            let n = (npages - first).min(BOUNCE_PAGES);
+            f(addr + first * PAGE_SIZE, n, &mut buf[..n * PAGE_SIZE])?;
+            first += n;
+        }
         Ok(())
     }
 

@@ -3,5 +3,6 @@
 
 pub mod dmesg;
 pub mod ktap;
+pub mod report;
 pub mod stream;
 pub mod verdict;

@@ -4,13 +4,17 @@
 //! dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S]
 //!                   [--results DIR] [--kvm] [--append ARG]...
 //! dmirror-bench judge RESULTS_DIR
+//! dmirror-bench report RESULTS_DIR
 //! ```
 //!
 //! `run` writes `DIR/<timestamp>-<plan>/` (console.log, stream.log,
 //! dmesg.txt, one .ktap per suite, summary.json), points `DIR/latest` at it,
 //! prints the verdicts and exits 0 only when every gated suite passed.
-//! `judge` re-judges a saved run from its console.log and stream.log.
+//! `judge` re-judges a saved run from its console.log and stream.log. A run of
+//! the `bench` plan also writes its report to `<run>/bench/` (`report` redoes
+//! that from the saved files).
 
+use dmirror_bench::report;
 use dmirror_bench::stream;
 use dmirror_bench::verdict::{self, Summary};
 use std::fs;
@@ -40,7 +44,7 @@ struct RunArgs {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--kvm] [--append ARG]...\n       dmirror-bench judge RESULTS_DIR"
+        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--kvm] [--append ARG]...\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR"
     );
     ExitCode::from(2)
 }
@@ -194,12 +198,22 @@ fn run(args: RunArgs) -> Result<bool, String> {
         println!("bench: qemu exited with {status}: {}", qemu_err.trim());
     }
     let summary = judge_dir(&dir)?;
+    let reported = if args.plan == "bench" { report_dir(&dir) } else { Ok(()) };
     let latest = args.results.join("latest");
     let _ = fs::remove_file(&latest);
     if let Some(name) = dir.file_name() {
         std::os::unix::fs::symlink(name, &latest).map_err(|e| format!("{}: {e}", latest.display()))?;
     }
+    reported?;
     Ok(summary.ok)
+}
+
+/// Writes and prints the benchmark report of a run.
+fn report_dir(dir: &Path) -> Result<(), String> {
+    let md = report::write(dir)?;
+    println!("\n{md}");
+    println!("bench: report in {}", dir.join("bench").display());
+    Ok(())
 }
 
 /// Judges a results directory and writes its per-suite files and summary.
@@ -285,6 +299,7 @@ fn main() -> ExitCode {
             }
         },
         Some("judge") if args.len() == 2 => judge_dir(Path::new(&args[1])).map(|s| s.ok),
+        Some("report") if args.len() == 2 => report_dir(Path::new(&args[1])).map(|()| true),
         _ => return usage(),
     };
     match result {

@@ -217,6 +217,8 @@ impl Rng {
         Rng(seed.max(1))
     }
 
+    /// The next value; not an `Iterator`, the sequence never ends.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;

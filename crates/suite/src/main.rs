@@ -3,12 +3,7 @@
 //! Run as root in the bench guest with dmirror.ko at hand:
 //! `dmirror-suite [-l] [-t NAME]... [--seed N] [--module KO] [--arg ARG]...`
 
-mod dax;
-mod device;
-mod harness;
-mod hmm;
-mod inspect;
-mod module;
+use dmirror_suite::{dax, device, harness, module};
 
 fn main() {
     let cases: Vec<_> = device::CASES

@@ -1,0 +1,589 @@
+//! dmirror-perf: the benchmark's guest side.
+//!
+//! Runs the same workloads against the C `test_hmm.ko` and `dmirror.ko` in one boot, loading
+//! one module at a time (both create `/dev/hmm_dmirror0`), in alternating order, and prints
+//! every timed sample as a KTAP comment the host turns into the report:
+//!
+//! ```text
+//! # bench,<driver>,<workload>,<kind>,<bytes>,<rep>,<ns>
+//! ```
+//!
+//! A turn is: load the module (timed), warm its device memory up, then for each page kind and
+//! buffer size: MIGRATE_TO_DEV, MIGRATE_TO_SYS, CPU faults back in sequential and random
+//! order, READ and WRITE on system memory (each timed, each checked), then migrate the
+//! largest buffer to the device, close and unload (timed: the driver evicts it) and check the
+//! evicted data. A KTAP result per turn says whether every operation did what it should.
+//!
+//! `dmirror-perf [--reps N] [--warmup N] [--sizes MIB,...] [--seed N] [--rust KO] [--c KO]
+//! [--profile WORKLOAD:KIND]`
+//!
+//! `--profile` runs ftrace's function profiler around the timed operations of that workload
+//! and prints the kernel functions that took the most time (inclusive, per driver and size).
+//! Neither module's own functions are traceable (lib/ builds without ftrace hooks, Rust code
+//! has none), so the profile shows the core mm functions each driver's code spends time in.
+
+use dmirror_suite::hmm::{
+    Dev, Map, Rng, MIGRATE_TO_DEV, MIGRATE_TO_SYS, PAGE, PROT_DEV_MASK, READ, THP, WRITE,
+};
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+const MIB: usize = 1 << 20;
+const DEVICE: &str = "/dev/hmm_dmirror0";
+
+#[derive(Clone, Copy, PartialEq)]
+enum Driver {
+    C,
+    Rust,
+}
+
+impl Driver {
+    fn name(self) -> &'static str {
+        match self {
+            Driver::C => "c",
+            Driver::Rust => "rust",
+        }
+    }
+
+    fn module(self) -> &'static str {
+        match self {
+            Driver::C => "test_hmm",
+            Driver::Rust => "dmirror",
+        }
+    }
+}
+
+/// The page size of a buffer: 4 KiB pages (`MADV_NOHUGEPAGE`) or THP (`MADV_HUGEPAGE`).
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Small,
+    Huge,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Small => "4k",
+            Kind::Huge => "thp",
+        }
+    }
+}
+
+struct Opts {
+    reps: usize,
+    warmup: usize,
+    sizes: Vec<usize>,
+    seed: u64,
+    ko_rust: String,
+    ko_c: String,
+    profile: Vec<(String, String)>,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: dmirror-perf [--reps N] [--warmup N] [--sizes MIB,...] [--seed N] [--rust KO] [--c KO]\n\
+         \n\
+         --reps N       recorded turns per driver (default 5)\n\
+         --warmup N     unrecorded turns per driver first, at the two smallest sizes (default 1)\n\
+         --sizes LIST   buffer sizes in MiB, multiples of 2 (default 2,8,32,128,256)\n\
+         --seed N       seed of the data and the random fault order (default: the clock)\n\
+         --profile W:K  function profile of workload W (to_dev, ...) at kind K (4k, thp); repeatable"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Opts {
+    let mut o = Opts {
+        reps: 5,
+        warmup: 1,
+        sizes: vec![2, 8, 32, 128, 256],
+        seed: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+        ko_rust: "/lib/modules/dmirror.ko".into(),
+        ko_c: "/lib/modules/test_hmm.ko".into(),
+        profile: Vec::new(),
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().unwrap_or_else(|| usage());
+        let num = |v: String| v.parse::<u64>().unwrap_or_else(|_| usage());
+        match a.as_str() {
+            "--reps" => o.reps = num(value()) as usize,
+            "--warmup" => o.warmup = num(value()) as usize,
+            "--seed" => o.seed = num(value()),
+            "--rust" => o.ko_rust = value(),
+            "--c" => o.ko_c = value(),
+            "--profile" => {
+                let v = value();
+                let (w, k) = v.split_once(':').unwrap_or_else(|| usage());
+                o.profile.push((w.to_string(), k.to_string()));
+            }
+            "--sizes" => {
+                o.sizes = value()
+                    .split(',')
+                    .map(|s| num(s.to_string()) as usize)
+                    .collect();
+            }
+            _ => usage(),
+        }
+    }
+    if o.reps == 0 || o.sizes.is_empty() || o.sizes.iter().any(|&s| s == 0 || s % 2 != 0) {
+        usage();
+    }
+    o.sizes.sort_unstable();
+    o
+}
+
+type Res<T = ()> = Result<T, String>;
+
+fn os_err(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// Loads a module with `finit_module` and returns how long the call took.
+fn load(path: &str) -> Res<u64> {
+    let f = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
+    let params = CString::default();
+    let t = Instant::now();
+    // SAFETY: `f` is an open module file and `params` a NUL-terminated string; both outlive
+    // the call.
+    let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
+    let ns = t.elapsed().as_nanos() as u64;
+    if r != 0 {
+        return Err(os_err(&format!("finit_module {path}")));
+    }
+    Ok(ns)
+}
+
+/// Unloads a module with `delete_module` and returns how long the call took.
+fn unload(name: &str) -> Res<u64> {
+    let c = CString::new(name).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    // SAFETY: `c` is a NUL-terminated module name that outlives the call.
+    let r = unsafe { libc::syscall(libc::SYS_delete_module, c.as_ptr(), libc::O_NONBLOCK) };
+    let ns = t.elapsed().as_nanos() as u64;
+    if r != 0 {
+        return Err(os_err(&format!("delete_module {name}")));
+    }
+    Ok(ns)
+}
+
+fn loaded(name: &str) -> bool {
+    std::fs::read_to_string("/proc/modules")
+        .map(|m| m.lines().any(|l| l.split(' ').next() == Some(name)))
+        .unwrap_or(false)
+}
+
+/// The buffers every turn of both drivers uses: one per page kind and a mirror buffer for
+/// READ, WRITE and the MIGRATE_TO_DEV readback, each as large as the largest size.
+struct Buffers {
+    small: Map,
+    huge: Map,
+    mirror: Map,
+}
+
+impl Buffers {
+    fn new(len: usize) -> Res<Buffers> {
+        let map = |huge: bool| -> Res<Map> {
+            let m = if huge { Map::thp(len) } else { Map::anon(len) }.map_err(|e| format!("mmap: {e:?}"))?;
+            if !huge {
+                // SAFETY: Advice on our own mapping.
+                unsafe { libc::madvise(m.addr as *mut _, len, libc::MADV_NOHUGEPAGE) };
+            }
+            m.bytes().fill(1);
+            Ok(m)
+        };
+        Ok(Buffers {
+            small: map(false)?,
+            huge: map(true)?,
+            mirror: map(false)?,
+        })
+    }
+
+    fn of(&self, kind: Kind) -> &Map {
+        match kind {
+            Kind::Small => &self.small,
+            Kind::Huge => &self.huge,
+        }
+    }
+}
+
+/// Gives `[addr, addr + len)` fresh pages of its kind (THP where advised) and writes a marker
+/// word to each page: `stamp + page index`.
+fn populate(m: &Map, len: usize, stamp: u64) -> Res {
+    // SAFETY: Drops the pages of our own mapping; they are in system memory (every workload
+    // ends with its buffer there).
+    if unsafe { libc::madvise(m.addr as *mut _, len, libc::MADV_DONTNEED) } != 0 {
+        return Err(os_err("madvise(MADV_DONTNEED)"));
+    }
+    mark(m.addr, len, stamp);
+    Ok(())
+}
+
+fn mark(addr: usize, len: usize, stamp: u64) {
+    for i in 0..len / PAGE {
+        // SAFETY: `addr + i * PAGE` is a page of one of our read-write mappings.
+        unsafe { std::ptr::write_volatile((addr + i * PAGE) as *mut u64, stamp + i as u64) };
+    }
+}
+
+/// Reads the marker word of each page in `order` (faulting device pages back); returns how
+/// many differ.
+fn touch(addr: usize, order: impl Iterator<Item = usize>, stamp: u64) -> usize {
+    let mut bad = 0;
+    for i in order {
+        // SAFETY: `addr + i * PAGE` is a page of one of our read-write mappings.
+        let v = unsafe { std::ptr::read_volatile((addr + i * PAGE) as *const u64) };
+        bad += usize::from(v != stamp + i as u64);
+    }
+    bad
+}
+
+fn check(addr: usize, len: usize, stamp: u64, what: &str) -> Res {
+    match touch(addr, 0..len / PAGE, stamp) {
+        0 => Ok(()),
+        n => Err(format!("{what}: {n} of {} pages hold the wrong data", len / PAGE)),
+    }
+}
+
+/// Checks with SNAPSHOT that `npages` pages from `addr` are all in the device's memory
+/// (`device`) or none of them is (the drivers count `cpages` of MIGRATE_TO_SYS differently).
+fn placed(dev: &Dev, addr: usize, npages: usize, device: bool, what: &str) -> Res {
+    let snap = dev.snapshot(addr, npages).map_err(|e| format!("{what}: SNAPSHOT: {e}"))?;
+    let on = snap.iter().filter(|&&p| p & PROT_DEV_MASK != 0).count();
+    let want = if device { npages } else { 0 };
+    if on != want {
+        return Err(format!("{what}: {on} of {npages} pages are in device memory, not {want}"));
+    }
+    Ok(())
+}
+
+/// One timed ioctl; checks `cpages` when `want` is given.
+fn ioctl(dev: &Dev, req: u64, addr: usize, ptr: usize, npages: usize, want: Option<usize>, what: &str) -> Res<u64> {
+    let t = Instant::now();
+    let c = dev
+        .cmd(req, addr, ptr, npages)
+        .map_err(|e| format!("{what}: {e}"))?;
+    let ns = t.elapsed().as_nanos() as u64;
+    if let Some(w) = want {
+        if c.cpages != w as u64 {
+            return Err(format!("{what}: moved {} of {w} pages", c.cpages));
+        }
+    }
+    Ok(ns)
+}
+
+struct Turn<'a> {
+    driver: Driver,
+    /// `None` for warm-up turns, which print no samples.
+    rep: Option<usize>,
+    bufs: &'a Buffers,
+    rng: Rng,
+    profile: &'a [(String, String)],
+}
+
+impl Turn<'_> {
+    fn sample(&self, workload: &str, kind: &str, bytes: usize, ns: u64) {
+        if let Some(rep) = self.rep {
+            println!("# bench,{},{workload},{kind},{bytes},{rep},{ns}", self.driver.name());
+        }
+    }
+
+    /// Starts the function profiler if `workload` at `kind` is the one to profile.
+    fn profile_start(&self, workload: &str, kind: &str) -> bool {
+        let on = self.rep.is_some() && self.profile.iter().any(|(w, k)| w == workload && k == kind);
+        // Writing 1 resets the counters.
+        on && profiler(true).map_err(|e| println!("# profile: {e}")).is_ok()
+    }
+
+    fn profile_end(&self, on: bool, workload: &str, kind: &str, bytes: usize) {
+        if !on {
+            return;
+        }
+        let _ = profiler(false);
+        let at = format!("{} {workload} {kind} {} MiB", self.driver.name(), bytes / MIB);
+        match profile_top(60) {
+            Ok(top) => {
+                for (f, hits, us) in top {
+                    println!("# profile {at}: {f:<40} {hits:>9} hits {us:>12.1} us");
+                }
+            }
+            Err(e) => println!("# profile {at}: {e}"),
+        }
+    }
+
+    fn stamp(&mut self) -> u64 {
+        self.rng.next() >> 24
+    }
+
+    /// Every workload on `len` bytes of the buffer of `kind`.
+    fn workloads(&mut self, dev: &Dev, kind: Kind, len: usize) -> Res {
+        let buf = self.bufs.of(kind);
+        let mirror = self.bufs.mirror.addr;
+        let n = len / PAGE;
+        let k = kind.name();
+        let driver = self.driver.name();
+        let at = |w: &str| format!("{driver} {w} {k} {} MiB", len / MIB);
+
+        // MIGRATE_TO_DEV, with the readback of the migrated data into the mirror.
+        let s = self.stamp();
+        populate(buf, len, s)?;
+        let p = self.profile_start("to_dev", k);
+        let ns = ioctl(dev, MIGRATE_TO_DEV, buf.addr, mirror, n, Some(n), &at("to_dev"))?;
+        self.profile_end(p, "to_dev", k, len);
+        self.sample("to_dev", k, len, ns);
+        check(mirror, len, s, &at("to_dev readback"))?;
+        placed(dev, buf.addr, n, true, &at("to_dev"))?;
+
+        // MIGRATE_TO_SYS of what is now on the device.
+        let p = self.profile_start("to_sys", k);
+        let ns = ioctl(dev, MIGRATE_TO_SYS, buf.addr, 0, n, None, &at("to_sys"))?;
+        self.profile_end(p, "to_sys", k, len);
+        self.sample("to_sys", k, len, ns);
+        placed(dev, buf.addr, n, false, &at("to_sys"))?;
+        check(buf.addr, len, s, &at("to_sys"))?;
+
+        // CPU faults bring the pages back (migrate_to_ram), in page order and in random order.
+        for random in [false, true] {
+            let w = if random { "fault_rand" } else { "fault_seq" };
+            let s = self.stamp();
+            populate(buf, len, s)?;
+            ioctl(dev, MIGRATE_TO_DEV, buf.addr, mirror, n, Some(n), &at(w))?;
+            let mut order: Vec<usize> = (0..n).collect();
+            if random {
+                for i in (1..n).rev() {
+                    order.swap(i, self.rng.below(i as u64 + 1) as usize);
+                }
+            }
+            let p = self.profile_start(w, k);
+            let t = Instant::now();
+            let bad = touch(buf.addr, order.into_iter(), s);
+            let ns = t.elapsed().as_nanos() as u64;
+            self.profile_end(p, w, k, len);
+            if bad != 0 {
+                return Err(format!("{}: {bad} of {n} pages came back wrong", at(w)));
+            }
+            self.sample(w, k, len, ns);
+        }
+
+        // READ and WRITE through the mirror on system memory.
+        let s = self.stamp();
+        populate(buf, len, s)?;
+        let p = self.profile_start("read", k);
+        let ns = ioctl(dev, READ, buf.addr, mirror, n, None, &at("read"))?;
+        self.profile_end(p, "read", k, len);
+        self.sample("read", k, len, ns);
+        check(mirror, len, s, &at("read"))?;
+        let s = self.stamp();
+        mark(mirror, len, s);
+        let p = self.profile_start("write", k);
+        let ns = ioctl(dev, WRITE, buf.addr, mirror, n, None, &at("write"))?;
+        self.profile_end(p, "write", k, len);
+        self.sample("write", k, len, ns);
+        check(buf.addr, len, s, &at("write"))?;
+        Ok(())
+    }
+
+    /// Load, warm-up, the workloads at every size, and the unload with the largest buffer
+    /// resident on the device.
+    fn run(&mut self, sizes: &[usize], ko: &str) -> Res {
+        let ns = load(ko)?;
+        self.sample("load", "-", 0, ns);
+        // `body` has closed the device when it returns, so the module can go.
+        let body = self.body(sizes);
+        let unloaded = unload(self.driver.module());
+        let (len, s) = body?;
+        let ns = unloaded?;
+        self.sample("unload", Kind::Small.name(), len, ns);
+        check(self.bufs.small.addr, len, s, "data evicted at unload")
+    }
+
+    fn body(&mut self, sizes: &[usize]) -> Res<(usize, u64)> {
+        let dev = Dev::open(DEVICE).map_err(|e| format!("{e:?}"))?;
+        let largest = *sizes.last().expect("sizes");
+        // Untimed warm-up: every workload once at the smallest size (each code path runs once
+        // before it is timed: under TCG its first run pays for translation), and the largest
+        // buffer of each kind there and back (the device's memory is allocated on first use).
+        let rep = self.rep.take();
+        for kind in [Kind::Small, Kind::Huge] {
+            self.workloads(&dev, kind, sizes[0])?;
+        }
+        self.rep = rep;
+        for kind in [Kind::Small, Kind::Huge] {
+            let buf = self.bufs.of(kind);
+            let s = self.stamp();
+            populate(buf, largest, s)?;
+            let n = largest / PAGE;
+            ioctl(&dev, MIGRATE_TO_DEV, buf.addr, self.bufs.mirror.addr, n, Some(n), "warm-up to_dev")?;
+            ioctl(&dev, MIGRATE_TO_SYS, buf.addr, 0, n, None, "warm-up to_sys")?;
+            placed(&dev, buf.addr, n, false, "warm-up to_sys")?;
+        }
+        for kind in [Kind::Small, Kind::Huge] {
+            for &len in sizes {
+                self.workloads(&dev, kind, len)?;
+            }
+        }
+        // Leave the largest 4 KiB buffer on the device for the unload.
+        let buf = &self.bufs.small;
+        let s = self.stamp();
+        populate(buf, largest, s)?;
+        let n = largest / PAGE;
+        ioctl(&dev, MIGRATE_TO_DEV, buf.addr, self.bufs.mirror.addr, n, Some(n), "unload to_dev")?;
+        Ok((largest, s))
+    }
+}
+
+fn main() {
+    let o = parse_args();
+    let largest = *o.sizes.last().expect("sizes") * MIB;
+    let sizes: Vec<usize> = o.sizes.iter().map(|s| s * MIB).collect();
+    println!("KTAP version 1");
+    println!(
+        "# dmirror-perf: seed {} reps {} warmup {} sizes {:?} MiB",
+        o.seed, o.reps, o.warmup, o.sizes
+    );
+    println!("# timings under TCG are only meaningful as ratios within this boot");
+    let tests = 2 + 2 * (o.warmup + o.reps);
+    println!("1..{tests}");
+    let mut n = 0;
+    let mut failed = 0;
+    let mut result = |ok: Res, name: &str| {
+        n += 1;
+        match ok {
+            Ok(()) => println!("ok {n} {name}"),
+            Err(e) => {
+                failed += 1;
+                println!("# {name}: {e}");
+                println!("not ok {n} {name}");
+            }
+        }
+    };
+    for d in [Driver::C, Driver::Rust] {
+        if loaded(d.module()) {
+            if let Err(e) = unload(d.module()) {
+                println!("# {e}");
+            }
+        }
+    }
+    let bufs = match Buffers::new(largest) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("# buffers: {e}");
+            println!("Bail out! cannot map the buffers");
+            std::process::exit(1);
+        }
+    };
+    result(ceiling(&bufs, largest, o.reps), "memcpy_ceiling");
+    result(thp_backing(&bufs, largest), "thp_backing");
+    let mut rng = Rng::new(o.seed);
+    let warm_sizes: Vec<usize> = sizes.iter().copied().take(2).collect();
+    let mut turns = Vec::new();
+    for _ in 0..o.warmup {
+        turns.push((Driver::C, None));
+        turns.push((Driver::Rust, None));
+    }
+    for rep in 0..o.reps {
+        let pair = if rep % 2 == 0 {
+            [Driver::C, Driver::Rust]
+        } else {
+            [Driver::Rust, Driver::C]
+        };
+        for d in pair {
+            turns.push((d, Some(rep)));
+        }
+    }
+    for (driver, rep) in turns {
+        let ko = match driver {
+            Driver::C => &o.ko_c,
+            Driver::Rust => &o.ko_rust,
+        };
+        let mut turn = Turn {
+            driver,
+            rep,
+            bufs: &bufs,
+            rng: Rng::new(rng.next()),
+            profile: &o.profile,
+        };
+        let (name, sz) = match rep {
+            Some(r) => (format!("turn_{r}_{}", driver.name()), &sizes),
+            None => (format!("warmup_{}", driver.name()), &warm_sizes),
+        };
+        let t = Instant::now();
+        let r = turn.run(sz, ko);
+        println!("# {name}: {:.1} s", t.elapsed().as_secs_f64());
+        result(r, &name);
+    }
+    std::process::exit(i32::from(failed != 0))
+}
+
+/// The CPU's copy bandwidth in this guest: `memcpy` of the largest size between two buffers
+/// whose pages are present, `reps` times.
+fn ceiling(bufs: &Buffers, len: usize, reps: usize) -> Res {
+    for rep in 0..reps + 1 {
+        let t = Instant::now();
+        // SAFETY: Two distinct mappings of at least `len` bytes, both ours.
+        unsafe { std::ptr::copy_nonoverlapping(bufs.small.addr as *const u8, bufs.mirror.addr as *mut u8, len) };
+        let ns = t.elapsed().as_nanos() as u64;
+        if rep > 0 {
+            println!("# bench,cpu,memcpy,-,{len},{},{ns}", rep - 1);
+        }
+    }
+    Ok(())
+}
+
+const TRACING: &str = "/sys/kernel/tracing";
+
+/// Switches ftrace's function profiler on (which resets it) or off.
+fn profiler(on: bool) -> Res {
+    let path = format!("{TRACING}/function_profile_enabled");
+    std::fs::write(&path, if on { "1" } else { "0" }).map_err(|e| format!("{path}: {e}"))
+}
+
+/// The `n` functions with the most time over all CPUs: (name, hits, microseconds).
+fn profile_top(n: usize) -> Res<Vec<(String, u64, f64)>> {
+    let mut all: std::collections::HashMap<String, (u64, f64)> = std::collections::HashMap::new();
+    let dir = format!("{TRACING}/trace_stat");
+    let entries = std::fs::read_dir(&dir).map_err(|e| format!("{dir}: {e}"))?;
+    for e in entries.flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        // "  Function   Hit   Time   Avg   s^2", then "  name  hits  123.4 us  ...".
+        for l in text.lines().skip(2) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if let [name, hits, time, unit, ..] = f.as_slice() {
+                let (Ok(h), Ok(t)) = (hits.parse::<u64>(), time.parse::<f64>()) else {
+                    continue;
+                };
+                let us = if *unit == "ms" { t * 1000.0 } else { t };
+                let v = all.entry(name.to_string()).or_default();
+                v.0 += h;
+                v.1 += us;
+            }
+        }
+    }
+    let mut v: Vec<(String, u64, f64)> = all.into_iter().map(|(k, (h, t))| (k, h, t)).collect();
+    v.sort_by(|a, b| b.2.total_cmp(&a.2));
+    v.truncate(n);
+    Ok(v)
+}
+
+/// The THP buffer is really backed by huge pages (else its rows would measure 4 KiB pages).
+fn thp_backing(bufs: &Buffers, len: usize) -> Res {
+    populate(&bufs.huge, len, 0)?;
+    let smaps = std::fs::read_to_string("/proc/self/smaps").map_err(|e| format!("smaps: {e}"))?;
+    let start = format!("{:x}-", bufs.huge.addr);
+    let huge_kb: usize = smaps
+        .split('\n')
+        .skip_while(|l| !l.starts_with(&start))
+        .take_while(|l| l.starts_with(&start) || !l.contains('-') || l.contains(':'))
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or("no AnonHugePages line for the THP buffer")?;
+    println!("# thp buffer: {} of {} KiB in huge pages", huge_kb, len / 1024);
+    if huge_kb * 1024 < len - THP {
+        return Err(format!("only {huge_kb} KiB of {} KiB are THP", len / 1024));
+    }
+    Ok(())
+}
