@@ -37,6 +37,10 @@ use kernel::{
     sync::{aref::ARef, Arc, Mutex, SpinLock},
 };
 
+/// Pages a CPU fault on a page table entry migrates back at most: the naturally aligned
+/// window around the faulting page (64 KiB), this device's pages in it.
+const FAULT_AROUND_PAGES: usize = 16;
+
 /// The size of a chunk of device memory.
 pub(crate) const CHUNK_SIZE: usize = 2 * SECTION_SIZE;
 
@@ -241,19 +245,28 @@ impl DevicePagemapOps for Chunk {
     }
 
     fn migrate_to_ram(&self, fault: &DeviceFault<'_>) -> VmFaultCode {
-        // A PMD-mapped folio goes back whole, a page table entry's page alone.
+        // A PMD-mapped folio goes back whole; a page table entry's page with this device's
+        // other pages around it, so that a CPU walking through the range faults once per
+        // window instead of once per page.
         let order = fault.order();
-        let size = PAGE_SIZE << order;
-        let start = fault.address() & !(size - 1);
-        let select = if order > 0 {
-            Select::DEVICE_PRIVATE | Select::COMPOUND
+        let (start, end, select) = if order > 0 {
+            let size = PAGE_SIZE << order;
+            let start = fault.address() & !(size - 1);
+            (start, start + size, Select::DEVICE_PRIVATE | Select::COMPOUND)
         } else {
-            Select::DEVICE_PRIVATE
+            let size = FAULT_AROUND_PAGES * PAGE_SIZE;
+            let start = fault.address() & !(size - 1);
+            let vma = fault.vma();
+            (
+                start.max(vma.start()),
+                (start + size).min(vma.end()),
+                Select::DEVICE_PRIVATE,
+            )
         };
         let Ok(mut mig) = MigrateVma::setup(
             fault.vma(),
             start,
-            start + size,
+            end,
             self.owner.token(),
             select,
             Some(fault),

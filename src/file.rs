@@ -15,7 +15,7 @@
 //! # Locking
 //!
 //! The mirror's mutex (inside the notifier) is taken last: nothing that may sleep on memory
-//! reclaim or on a page lock runs under it (mirror nodes are reserved before it is taken,
+//! reclaim or on a page lock runs under it (mirror leaves are allocated before it is taken,
 //! folio locks are only tried), since reclaim and migrations invalidate, and invalidation
 //! takes this mutex.
 
@@ -95,23 +95,79 @@ impl Entry {
     }
 }
 
-/// The device's view of the opener's address space, keyed by page index.
+/// Pages per leaf of the mirror: entries are allocated and looked up a leaf at a time.
+const LEAF_PAGES: usize = 64;
+
+/// The entries of [`LEAF_PAGES`] consecutive pages, the first at a multiple of it.
+type Leaf = KBox<[Option<Entry>; LEAF_PAGES]>;
+
+/// Leaves allocated before the mirror lock is taken (reclaim invalidates, which takes it).
+struct Room(KVec<(RBTreeNodeReservation<usize, Leaf>, Leaf)>);
+
+impl Room {
+    /// Room for every leaf that pages `[first, end)` span.
+    fn new(first: usize, end: usize) -> Result<Self> {
+        let n = if end > first {
+            (end - 1) / LEAF_PAGES - first / LEAF_PAGES + 1
+        } else {
+            0
+        };
+        let mut v = KVec::with_capacity(n, GFP_KERNEL)?;
+        for _ in 0..n {
+            let leaf = KBox::init(pin_init::init_array_from_fn(|_| None), GFP_KERNEL)?;
+            v.push((RBTreeNodeReservation::new(GFP_KERNEL)?, leaf), GFP_KERNEL)?;
+        }
+        Ok(Self(v))
+    }
+}
+
+/// The device's view of the opener's address space, by page index.
 struct Mirror {
-    table: RBTree<usize, Entry>,
+    table: RBTree<usize, Leaf>,
     /// This device's memory owner.
     owner: Arc<PagemapOwner<Chunk>>,
 }
 
 impl Mirror {
-    /// Removes the entries of pages `[first, end)` for which `which` returns true.
+    fn get(&self, page: usize) -> Option<&Entry> {
+        self.table.get(&(page / LEAF_PAGES))?[page % LEAF_PAGES].as_ref()
+    }
+
+    /// Sets the entry of `page`, taking a leaf from `room` if it is the first of its leaf;
+    /// `ENOMEM` if `room` has none left.
+    fn insert(&mut self, page: usize, entry: Entry, room: &mut Room) -> Result {
+        let key = page / LEAF_PAGES;
+        if let Some(leaf) = self.table.get_mut(&key) {
+            leaf[page % LEAF_PAGES] = Some(entry);
+            return Ok(());
+        }
+        let (node, mut leaf) = room.0.pop().ok_or(ENOMEM)?;
+        leaf[page % LEAF_PAGES] = Some(entry);
+        self.table.insert(node.into_node(key, leaf));
+        Ok(())
+    }
+
+    /// Removes the entries of pages `[first, end)` for which `which` returns true; frees
+    /// leaves left empty.
     fn remove(&mut self, first: usize, end: usize, which: impl Fn(&Entry) -> bool) {
-        let mut cursor = self.table.cursor_lower_bound_mut(&first);
-        while let Some(c) = cursor {
-            if *c.current().0 >= end {
+        let mut cursor = self.table.cursor_lower_bound_mut(&(first / LEAF_PAGES));
+        while let Some(mut c) = cursor {
+            let (&key, leaf) = c.current_mut();
+            let base = key * LEAF_PAGES;
+            if base >= end {
                 break;
             }
-            cursor = if which(c.current().1) {
-                c.remove_current().0
+            let (lo, hi) = (first.saturating_sub(base), (end - base).min(LEAF_PAGES));
+            for slot in &mut leaf[lo..hi] {
+                if slot.as_ref().is_some_and(&which) {
+                    *slot = None;
+                }
+            }
+            cursor = if leaf.iter().all(Option::is_none) {
+                // Removing the last leaf leaves the cursor on the one before: done then.
+                c.remove_current()
+                    .0
+                    .filter(|next| *next.current().0 > key)
             } else {
                 c.move_next()
             };
@@ -150,15 +206,6 @@ pub(crate) struct DmirrorFile {
     flags: AtomicU64,
     #[pin]
     mirror: MmuIntervalNotifier<Mirror>,
-}
-
-/// Reserves `n` mirror nodes, so that insertion under the mirror lock does not allocate.
-fn reserve(n: usize) -> Result<KVec<RBTreeNodeReservation<usize, Entry>>> {
-    let mut v = KVec::with_capacity(n, GFP_KERNEL)?;
-    for _ in 0..n {
-        v.push(RBTreeNodeReservation::new(GFP_KERNEL)?, GFP_KERNEL)?;
-    }
-    Ok(v)
 }
 
 /// Allocates a zeroed buffer for `npages` pages (at most [`BOUNCE_PAGES`]).
@@ -312,7 +359,8 @@ impl DmirrorFile {
                 r => r?,
             };
             // Allocated before the mirror lock: reclaim invalidates, which takes that lock.
-            let mut nodes = reserve(n)?;
+            let first = start / PAGE_SIZE;
+            let mut room = Room::new(first, first + n)?;
             let mut folios = KVec::with_capacity(n, GFP_KERNEL)?;
             let Some(mut mirror) = range.lock_if_valid(&self.mirror) else {
                 continue;
@@ -335,11 +383,7 @@ impl DmirrorFile {
             }
             for (i, (folio, pfn, writable)) in folios.into_iter().enumerate() {
                 let entry = self.data_folio(folio, pfn, writable).ok_or(EFAULT)?;
-                let node = nodes
-                    .pop()
-                    .ok_or(ENOMEM)?
-                    .into_node(start / PAGE_SIZE + i, entry);
-                mirror.table.insert(node);
+                mirror.insert(first + i, entry, &mut room)?;
             }
             return Ok(());
         }
@@ -352,7 +396,7 @@ impl DmirrorFile {
         let mirror = self.mirror.lock();
         let base = addr / PAGE_SIZE;
         for i in first..npages {
-            let Some(entry) = mirror.table.get(&(base + i)).filter(|e| e.is_live()) else {
+            let Some(entry) = mirror.get(base + i).filter(|e| e.is_live()) else {
                 return Ok(i);
             };
             entry
@@ -369,8 +413,7 @@ impl DmirrorFile {
         let base = addr / PAGE_SIZE;
         for i in first..npages {
             let Some(entry) = mirror
-                .table
-                .get(&(base + i))
+                .get(base + i)
                 .filter(|e| e.write && !e.atomic && e.is_live())
             else {
                 return Ok(i);
@@ -524,7 +567,7 @@ impl DmirrorFile {
             if npages_wanted == 0 {
                 return Ok(());
             }
-            let mut nodes = reserve(npages_wanted)?;
+            let mut room = Room::new(start / PAGE_SIZE, next / PAGE_SIZE)?;
             let mut mapped = KVec::with_capacity(npages_wanted, GFP_KERNEL)?;
             // Out of device memory: migrate what was allocated, then report it.
             let res = self.to_device(&mut mig, &mut mapped);
@@ -535,11 +578,8 @@ impl DmirrorFile {
             let mut mirror = self.mirror.lock();
             for (i, entry) in mapped {
                 if mig.migrated(i) {
-                    if let Some(node) = nodes.pop() {
-                        mirror
-                            .table
-                            .insert(node.into_node(mig.addr(i) / PAGE_SIZE, entry));
-                    }
+                    // The room covers the window, so this does not fail.
+                    mirror.insert(mig.addr(i) / PAGE_SIZE, entry, &mut room)?;
                 }
             }
             res
@@ -650,12 +690,11 @@ impl DmirrorFile {
             )?;
             to_system(&mut mig, &self.device.owner, || self.take_fail_alloc())?;
             let mig = mig.pages();
-            let mut mirror = self.mirror.lock();
-            for i in (0..mig.npages()).filter(|&i| mig.migrated(i)) {
-                let page = mig.addr(i) / PAGE_SIZE;
-                mirror.remove(page, page + 1, |_| true);
-                migrated += 1;
-            }
+            // And what faults put there meanwhile.
+            self.mirror
+                .lock()
+                .remove(start / PAGE_SIZE, next / PAGE_SIZE, |_| true);
+            migrated += (0..mig.npages()).filter(|&i| mig.migrated(i)).count() as u64;
             Ok(())
         })?;
         cmd.cpages = migrated;
@@ -746,19 +785,18 @@ impl DmirrorFile {
             for i in 0..npages {
                 let page_addr = addr + i * PAGE_SIZE;
                 let (folio, offset) = make_device_exclusive::<Chunk>(&mmap, page_addr, None)?;
-                let node = RBTreeNodeReservation::new(GFP_KERNEL)?;
+                let page = page_addr / PAGE_SIZE;
+                let mut room = Room::new(page, page + 1)?;
                 // Taking exclusive access invalidated the page with no owner, which removed its
                 // entry; the new one marks it exclusive.
-                self.mirror.lock().table.insert(node.into_node(
-                    page_addr / PAGE_SIZE,
-                    Entry {
-                        folio,
-                        offset,
-                        write: true,
-                        atomic: true,
-                        device: None,
-                    },
-                ));
+                let entry = Entry {
+                    folio,
+                    offset,
+                    write: true,
+                    atomic: true,
+                    device: None,
+                };
+                self.mirror.lock().insert(page, entry, &mut room)?;
             }
         }
         self.read_back(cmd)
@@ -768,7 +806,7 @@ impl DmirrorFile {
         let base = cmd.addr as usize / PAGE_SIZE;
         let mirror = self.mirror.lock();
         for i in 0..cmd.npages as usize {
-            if mirror.table.get(&(base + i)).is_some_and(|e| e.atomic) {
+            if mirror.get(base + i).is_some_and(|e| e.atomic) {
                 return Err(EPERM);
             }
         }
