@@ -40,14 +40,18 @@ impl Debugfs {
             let dir = root.subdir(name);
             files.push(
                 KBox::pin_init(
-                    dir.read_callback_file(c"stats", device.clone(), &|d: &Arc<Device>, f| d.write_stats(f)),
+                    dir.read_callback_file(c"stats", device.clone(), &|d: &Arc<Device>, f| {
+                        d.write_stats(f)
+                    }),
                     GFP_KERNEL,
                 )?,
                 GFP_KERNEL,
             )?;
             files.push(
                 KBox::pin_init(
-                    dir.read_callback_file(c"check", device.clone(), &|d: &Arc<Device>, f| d.write_check(f)),
+                    dir.read_callback_file(c"check", device.clone(), &|d: &Arc<Device>, f| {
+                        d.write_check(f)
+                    }),
                     GFP_KERNEL,
                 )?,
                 GFP_KERNEL,

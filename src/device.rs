@@ -26,15 +26,15 @@ use kernel::{
     mm::{
         folio::Folio,
         memremap::{
-            Census, DevPagemap, DeviceFault, DeviceFolio, DevicePagemapOps, FreedFolio, PagemapOwner,
-            SplitFolio, VmFaultCode, PMD_ORDER, SECTION_SIZE,
+            Census, DevPagemap, DeviceFault, DeviceFolio, DevicePagemapOps, FreedFolio,
+            PagemapOwner, SplitFolio, VmFaultCode, PMD_ORDER, SECTION_SIZE,
         },
         migrate::{LockedFolio, MigrateVma, Select, COMPOUND_PAGES},
     },
     new_mutex, new_spinlock,
     page::PAGE_SIZE,
     prelude::*,
-    sync::{aref::ARef, Arc, Mutex, SpinLock},
+    sync::{aref::ARef, Arc, Mutex, MutexGuard, SpinLock},
 };
 
 /// Pages a CPU fault on a page table entry migrates back at most: the naturally aligned
@@ -252,7 +252,11 @@ impl DevicePagemapOps for Chunk {
         let (start, end, select) = if order > 0 {
             let size = PAGE_SIZE << order;
             let start = fault.address() & !(size - 1);
-            (start, start + size, Select::DEVICE_PRIVATE | Select::COMPOUND)
+            (
+                start,
+                start + size,
+                Select::DEVICE_PRIVATE | Select::COMPOUND,
+            )
         } else {
             let size = FAULT_AROUND_PAGES * PAGE_SIZE;
             let start = fault.address() & !(size - 1);
@@ -290,6 +294,69 @@ impl DevicePagemapOps for Chunk {
 
     fn evict_copy(&self, index: usize, src: &Folio, dst: &mut LockedFolio) {
         self.copy_to(index, src, 0, dst);
+    }
+}
+
+/// The memory of a device, locked for a run of allocations: see [`Device::allocator`].
+pub(crate) struct Allocator<'a> {
+    device: &'a Device,
+    chunks: MutexGuard<'a, KVec<Pin<KBox<DevPagemap<Chunk>>>>>,
+}
+
+impl Allocator<'_> {
+    /// Allocates a device folio of `order`, with a system folio of the same order to back it
+    /// for device-private memory, and hands them to `f`, which fills the storage and passes the
+    /// device folio on (to a migration). Adds a chunk when no chunk has room, up to the cap;
+    /// `ENOMEM` past it, or when a large backing folio cannot be had.
+    pub(crate) fn alloc(
+        &mut self,
+        order: u32,
+        f: impl FnOnce(DeviceFolio<'_, Chunk>, Storage<'_>) -> Result,
+    ) -> Result {
+        let this = self.device;
+        let mut backing = match this.coherent {
+            Some(_) => None,
+            None => Some(alloc_system(order)?),
+        };
+        let chunks = &mut self.chunks;
+        for c in chunks.iter() {
+            if let Ok(folio) = c.alloc(order) {
+                return Device::fill_new(folio, backing.as_mut(), f);
+            }
+        }
+        // No chunk has room: add one, up to the cap.
+        if chunks.len() >= this.max_chunks {
+            pr_debug!("hmm_dmirror{}: device memory cap reached\n", this.id);
+            return Err(ENOMEM);
+        }
+        let data = Chunk::new(&this.owner, this.chunk_size, this.is_coherent())?;
+        let chunk = match this.coherent {
+            None => DevPagemap::new_private(data, &this.owner, CHUNK_SIZE, c"hmm_dmirror"),
+            Some((base, _)) => DevPagemap::new_coherent(
+                data,
+                &this.owner,
+                base + (chunks.len() * this.chunk_size) as u64,
+                this.chunk_size,
+                c"hmm_dmirror",
+            ),
+        }
+        .inspect_err(|e| pr_warn!("hmm_dmirror{}: new chunk failed: {:?}\n", this.id, e))?;
+        pr_info!(
+            "hmm_dmirror{}: added {} chunk {} ({} MiB) at pfn {:#x}\n",
+            this.id,
+            if this.is_coherent() {
+                "coherent"
+            } else {
+                "private"
+            },
+            chunks.len(),
+            this.chunk_size >> 20,
+            chunk.base_pfn()
+        );
+        chunks.push(chunk, GFP_KERNEL)?;
+        // Pages are only allocated under `chunks`: the new chunk is still empty.
+        let folio = chunks.last().ok_or(ENOMEM)?.alloc(order)?;
+        Device::fill_new(folio, backing.as_mut(), f)
     }
 }
 
@@ -364,58 +431,12 @@ impl Device {
         }
     }
 
-    /// Allocates a device folio of `order`, with a system folio of the same order to back it
-    /// for device-private memory, and hands them to `f`, which fills the storage and passes the
-    /// device folio on (to a migration). Adds a chunk when no chunk has room, up to the cap;
-    /// `ENOMEM` past it, or when a large backing folio cannot be had.
-    pub(crate) fn alloc(
-        &self,
-        order: u32,
-        f: impl FnOnce(DeviceFolio<'_, Chunk>, Storage<'_>) -> Result,
-    ) -> Result {
-        let mut backing = match self.coherent {
-            Some(_) => None,
-            None => Some(alloc_system(order)?),
-        };
-        let mut chunks = self.chunks.lock();
-        for c in chunks.iter() {
-            if let Ok(folio) = c.alloc(order) {
-                return Self::fill_new(folio, backing.as_mut(), f);
-            }
+    /// Locks the device's memory for a run of allocations (one migration window).
+    pub(crate) fn allocator(&self) -> Allocator<'_> {
+        Allocator {
+            device: self,
+            chunks: self.chunks.lock(),
         }
-        // No chunk has room: add one, up to the cap.
-        if chunks.len() >= self.max_chunks {
-            pr_debug!("hmm_dmirror{}: device memory cap reached\n", self.id);
-            return Err(ENOMEM);
-        }
-        let data = Chunk::new(&self.owner, self.chunk_size, self.is_coherent())?;
-        let chunk = match self.coherent {
-            None => DevPagemap::new_private(data, &self.owner, CHUNK_SIZE, c"hmm_dmirror"),
-            Some((base, _)) => DevPagemap::new_coherent(
-                data,
-                &self.owner,
-                base + (chunks.len() * self.chunk_size) as u64,
-                self.chunk_size,
-                c"hmm_dmirror",
-            ),
-        }
-        .inspect_err(|e| pr_warn!("hmm_dmirror{}: new chunk failed: {:?}\n", self.id, e))?;
-        pr_info!(
-            "hmm_dmirror{}: added {} chunk {} ({} MiB) at pfn {:#x}\n",
-            self.id,
-            if self.is_coherent() {
-                "coherent"
-            } else {
-                "private"
-            },
-            chunks.len(),
-            self.chunk_size >> 20,
-            chunk.base_pfn()
-        );
-        chunks.push(chunk, GFP_KERNEL)?;
-        // Pages are only allocated under `chunks`: the new chunk is still empty.
-        let folio = chunks.last().ok_or(ENOMEM)?.alloc(order)?;
-        Self::fill_new(folio, backing.as_mut(), f)
     }
 
     /// Records the backing of a new device folio and hands both to `f` (see [`Self::alloc`]).

@@ -20,7 +20,7 @@
 //! takes this mutex.
 
 use crate::{
-    device::{to_system, BackingTable, Chunk, Device, Storage},
+    device::{to_system, Backing, BackingTable, Chunk, Device, Storage},
     uapi::{self, prot, Cmd},
 };
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -40,7 +40,7 @@ use kernel::{
     page::{Page, PAGE_SIZE},
     prelude::*,
     rbtree::{RBTree, RBTreeNodeReservation},
-    sync::{aref::ARef, Arc},
+    sync::{aref::ARef, Arc, SpinLockGuard},
     time::{Delta, Instant, Monotonic},
     uaccess::{UserPtr, UserSlice},
 };
@@ -95,6 +95,42 @@ impl Entry {
     }
 }
 
+/// A chunk's backing table and its lock, held.
+type HeldTable<'a> = (
+    &'a Arc<BackingTable>,
+    SpinLockGuard<'a, KVVec<Option<Backing>>>,
+);
+
+/// Which entries of `leaf` are live ([`Entry::is_live`]), a bit per slot; each chunk's backing
+/// table is locked once for a run of entries of that chunk.
+fn live_mask(leaf: &[Option<Entry>; LEAF_PAGES]) -> u64 {
+    let mut mask = 0;
+    let mut held: Option<HeldTable<'_>> = None;
+    for (k, entry) in leaf.iter().enumerate() {
+        let Some(entry) = entry else { continue };
+        let live = match &entry.device {
+            None => true,
+            Some((table, index)) => {
+                if !held.as_ref().is_some_and(|(t, _)| Arc::ptr_eq(t, table)) {
+                    // The guard of another table goes first: same lock class.
+                    drop(held.take());
+                    held = Some((table, table.lock()));
+                }
+                held.as_ref().is_some_and(|(_, backing)| {
+                    backing
+                        .get(*index)
+                        .and_then(|b| b.as_ref())
+                        .is_some_and(|b| core::ptr::eq(&*b.folio, &*entry.folio))
+                })
+            }
+        };
+        if live {
+            mask |= 1u64 << k;
+        }
+    }
+    mask
+}
+
 /// Pages per leaf of the mirror: entries are allocated and looked up a leaf at a time.
 const LEAF_PAGES: usize = 64;
 
@@ -129,6 +165,10 @@ struct Mirror {
 }
 
 impl Mirror {
+    fn leaf(&self, key: usize) -> Option<&[Option<Entry>; LEAF_PAGES]> {
+        self.table.get(&key).map(|l| &**l)
+    }
+
     fn get(&self, page: usize) -> Option<&Entry> {
         self.table.get(&(page / LEAF_PAGES))?[page % LEAF_PAGES].as_ref()
     }
@@ -165,9 +205,7 @@ impl Mirror {
             }
             cursor = if leaf.iter().all(Option::is_none) {
                 // Removing the last leaf leaves the cursor on the one before: done then.
-                c.remove_current()
-                    .0
-                    .filter(|next| *next.current().0 > key)
+                c.remove_current().0.filter(|next| *next.current().0 > key)
             } else {
                 c.move_next()
             };
@@ -274,10 +312,13 @@ impl DmirrorFile {
 
     /// Takes the one-shot FAIL_ALLOC flag: true if the next allocation must fail.
     fn take_fail_alloc(&self) -> bool {
-        self.flags
-            .fetch_and(!uapi::FLAG_FAIL_ALLOC, Ordering::Relaxed)
-            & uapi::FLAG_FAIL_ALLOC
-            != 0
+        // A load first: the flag is almost never set, and this runs for every page.
+        self.flags.load(Ordering::Relaxed) & uapi::FLAG_FAIL_ALLOC != 0
+            && self
+                .flags
+                .fetch_and(!uapi::FLAG_FAIL_ALLOC, Ordering::Relaxed)
+                & uapi::FLAG_FAIL_ALLOC
+                != 0
     }
 
     /// Maps a faulted folio to the folio holding its data: itself, or the backing of one of
@@ -395,8 +436,19 @@ impl DmirrorFile {
     fn copy_out(&self, addr: usize, first: usize, npages: usize, buf: &mut [u8]) -> Result<usize> {
         let mirror = self.mirror.lock();
         let base = addr / PAGE_SIZE;
+        // The current leaf and which of its entries are live, checked a leaf at a time.
+        let mut leaf: Option<(usize, &[Option<Entry>; LEAF_PAGES], u64)> = None;
         for i in first..npages {
-            let Some(entry) = mirror.get(base + i).filter(|e| e.is_live()) else {
+            let page = base + i;
+            let key = page / LEAF_PAGES;
+            if leaf.is_none_or(|(k, _, _)| k != key) {
+                leaf = mirror.leaf(key).map(|l| (key, l, live_mask(l)));
+            }
+            let slot = page % LEAF_PAGES;
+            let Some(entry) = leaf
+                .filter(|(_, _, live)| live & (1 << slot) != 0)
+                .and_then(|(_, l, _)| l[slot].as_ref())
+            else {
                 return Ok(i);
             };
             entry
@@ -593,6 +645,7 @@ impl DmirrorFile {
     /// out of large runs, a large backing folio cannot be had, or FAIL_ALLOC). Collects the
     /// mirror entries of the destinations in `mapped`, by migration entry.
     fn to_device(&self, mig: &mut MigrateVma<'_>, mapped: &mut KVec<(usize, Entry)>) -> Result {
+        let mut device = self.device.allocator();
         let mut i = 0;
         while i < mig.npages() {
             let span = mig.span(i);
@@ -603,10 +656,7 @@ impl DmirrorFile {
             }
             let fail = self.take_fail_alloc();
             if span > 1 && !fail {
-                match self
-                    .device
-                    .alloc(PMD_ORDER, |f, s| Self::fill(mig, i, span, f, s, mapped))
-                {
+                match device.alloc(PMD_ORDER, |f, s| Self::fill(mig, i, span, f, s, mapped)) {
                     Ok(()) => {
                         i += span;
                         continue;
@@ -620,8 +670,7 @@ impl DmirrorFile {
                 continue;
             }
             for k in 0..span {
-                self.device
-                    .alloc(0, |f, s| Self::fill(mig, i + k, 1, f, s, mapped))?;
+                device.alloc(0, |f, s| Self::fill(mig, i + k, 1, f, s, mapped))?;
             }
             i += span;
         }
