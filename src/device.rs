@@ -150,8 +150,24 @@ impl Chunk {
             }
             return;
         }
+        // The common case: a device folio copied whole into a folio of its order. Copied
+        // under the table's lock, which a 4 KiB page holds briefly, rather than with a
+        // reference of its own.
+        let whole = self
+            .backing
+            .lock()
+            .get(index)
+            .and_then(Option::as_ref)
+            .is_some_and(|b| {
+                b.page == 0
+                    && b.folio.nr_pages() == nr
+                    && nr == 1
+                    && dst.copy_from(&b.folio).is_ok()
+            });
+        if whole {
+            return;
+        }
         if let Some(b) = self.backing(index) {
-            // The common case: a device folio copied whole into a folio of its order.
             if b.page == 0 && b.folio.nr_pages() == nr && dst.copy_from(&b.folio).is_ok() {
                 return;
             }

@@ -162,6 +162,26 @@ struct Mirror {
     table: RBTree<usize, Leaf>,
     /// This device's memory owner.
     owner: Arc<PagemapOwner<Chunk>>,
+    /// MIGRATE_TO_DEV and MIGRATE_TO_SYS windows in progress, which keep the mirror up to
+    /// date themselves: see [`IoctlMigration`].
+    ioctl_migrations: usize,
+}
+
+/// Marks a migration window of an ioctl as in progress for as long as it lives, so that the
+/// mirror ignores the migration's own invalidations.
+struct IoctlMigration<'a>(&'a MmuIntervalNotifier<Mirror>);
+
+impl<'a> IoctlMigration<'a> {
+    fn new(mirror: &'a MmuIntervalNotifier<Mirror>) -> Self {
+        mirror.lock().ioctl_migrations += 1;
+        Self(mirror)
+    }
+}
+
+impl Drop for IoctlMigration<'_> {
+    fn drop(&mut self) {
+        self.0.lock().ioctl_migrations -= 1;
+    }
 }
 
 impl Mirror {
@@ -215,10 +235,19 @@ impl Mirror {
 
 impl MmuIntervalNotifierOps for Mirror {
     fn invalidate(state: &mut Self, range: &NotifierRange<'_>) {
-        // This device's own migrations update the mirror themselves (see `migrate_to_dev`,
-        // `migrate_to_sys`); entries of pages it migrates back on CPU faults go stale, which
-        // `Entry::is_live` detects.
+        // This device's own migrations: those of the ioctls update the mirror themselves (see
+        // `migrate_to_dev`, `migrate_to_sys`). A CPU fault brings device pages back: their
+        // entries would go stale and keep the pages' old storage alive until the next
+        // invalidation, so they go now. (A fault during an ioctl's window leaves them stale,
+        // which `Entry::is_live` detects.)
         if range.event() == NotifierEvent::Migrate && range.owner() == state.owner.token() {
+            if state.ioctl_migrations == 0 {
+                state.remove(
+                    range.start() / PAGE_SIZE,
+                    range.end().div_ceil(PAGE_SIZE),
+                    |e| e.device.is_some(),
+                );
+            }
             return;
         }
         state.remove(
@@ -593,6 +622,7 @@ impl DmirrorFile {
         let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
         let mm = self.mm_user(EINVAL)?;
         self.for_each_window(&mm, addr, npages, |vma, start, next| {
+            let _ioctl = IoctlMigration::new(&self.mirror);
             // The migration ignores its own invalidation: drop the entries of system pages,
             // which it replaces (their references would also make the pages look pinned), and
             // stale ones. Pages already in this device's memory stay, and stay mirrored.
@@ -724,6 +754,7 @@ impl DmirrorFile {
         let mm = self.mm_user(EINVAL)?;
         let mut migrated = 0;
         self.for_each_window(&mm, addr, npages, |vma, start, next| {
+            let _ioctl = IoctlMigration::new(&self.mirror);
             // The migration ignores its own invalidation: drop the entries it replaces (for
             // coherent pages, their references would make the pages look pinned).
             self.mirror
@@ -876,6 +907,7 @@ impl MiscDevice for DmirrorFile {
         let table = Mirror {
             table: RBTree::new(),
             owner: device.owner.clone(),
+            ioctl_migrations: 0,
         };
         let this = KBox::pin_init(
             try_pin_init!(Self {
