@@ -526,20 +526,33 @@ fn main() {
     std::process::exit(i32::from(failed != 0))
 }
 
+/// Page offsets between the ceiling's source and destination tried for each sample.
+const CEILING_OFFSETS: [usize; 6] = [0, 1, 3, 17, 64, 255];
+
 /// The CPU's copy bandwidth in this guest: `memcpy` of the largest size between two buffers
-/// of their own whose pages are present (placed apart, see [`Buffers::new`]), `reps` times
-/// after one unrecorded copy.
+/// of present 4 KiB pages, `reps` samples after an unrecorded one. Under TCG the rate depends
+/// on where the two buffers sit relative to each other (its software TLB), by up to 6 times
+/// here; a sample is the fastest copy over a few relative placements, so that the ceiling is
+/// one.
 fn ceiling(len: usize, reps: usize) -> Res {
-    let src = Map::anon(len).map_err(|e| format!("mmap: {e:?}"))?;
-    let dst = Map::anon(len).map_err(|e| format!("mmap: {e:?}"))?;
-    src.bytes().fill(1);
-    dst.bytes().fill(2);
+    let span = 2 * len + (CEILING_OFFSETS[CEILING_OFFSETS.len() - 1] + 1) * PAGE;
+    let m = Map::anon(span).map_err(|e| format!("mmap: {e:?}"))?;
+    // 4 KiB pages: under TCG they copy faster than huge pages.
+    // SAFETY: Advice on our own mapping.
+    unsafe { libc::madvise(m.addr as *mut _, span, libc::MADV_NOHUGEPAGE) };
+    let bytes = m.bytes();
+    bytes.fill(1);
+    let (src, rest) = bytes.split_at_mut(len);
     for rep in 0..reps + 1 {
-        let t = Instant::now();
-        dst.bytes().copy_from_slice(src.bytes());
-        let ns = t.elapsed().as_nanos() as u64;
+        let mut best = u64::MAX;
+        for k in CEILING_OFFSETS {
+            let dst = &mut rest[k * PAGE..k * PAGE + len];
+            let t = Instant::now();
+            dst.copy_from_slice(src);
+            best = best.min(t.elapsed().as_nanos() as u64);
+        }
         if rep > 0 {
-            println!("# bench,cpu,memcpy,-,{len},{},{ns}", rep - 1);
+            println!("# bench,cpu,memcpy,-,{len},{},{best}", rep - 1);
         }
     }
     Ok(())
