@@ -29,7 +29,7 @@ use kernel::{
     fs::File,
     miscdevice::{MiscDevice, MiscDeviceRegistration},
     mm::{
-        folio::Folio,
+        folio::{Folio, FolioGuard},
         hmm::{make_device_exclusive, FaultFlags, HmmRange},
         memremap::{DevPagemap, DeviceFolio, PagemapOwner, PMD_ORDER},
         migrate::{LockedFolio, MigrateVma, Select, COMPOUND_PAGES},
@@ -51,13 +51,16 @@ const FAULT_TIMEOUT_MS: i64 = 1000;
 /// Pages per bounce buffer between the mirror and user memory (512 KiB).
 const BOUNCE_PAGES: usize = 128;
 
-/// The user memory at `cmd.ptr` for the command's range.
-fn user(cmd: &Cmd) -> Result<UserSlice> {
-    let len = usize::try_from(cmd.npages)
+/// Checks that the user memory at `cmd.ptr` for the command's range does not wrap around the
+/// address space (`EFAULT`, as `copy_to_user()` would fail it), so that page addresses in it
+/// can be computed.
+fn check_user_range(cmd: &Cmd) -> Result {
+    usize::try_from(cmd.npages)
         .ok()
         .and_then(|n| n.checked_mul(PAGE_SIZE))
-        .ok_or(EINVAL)?;
-    Ok(UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), len))
+        .and_then(|len| (cmd.ptr as usize).checked_add(len))
+        .map(|_| ())
+        .ok_or(EFAULT)
 }
 
 /// Pages faulted per `hmm_range_fault()` call.
@@ -275,12 +278,25 @@ pub(crate) struct DmirrorFile {
     mirror: MmuIntervalNotifier<Mirror>,
 }
 
-/// Allocates a zeroed buffer for `npages` pages (at most [`BOUNCE_PAGES`]).
-fn bounce(npages: usize) -> Result<KVVec<u8>> {
-    let len = npages * PAGE_SIZE;
-    let mut v = KVVec::with_capacity(len, GFP_KERNEL)?;
-    v.resize(len, 0, GFP_KERNEL)?;
-    Ok(v)
+/// A bounce buffer between the mirror and user memory, for user pages that are not present:
+/// allocated on first use, zeroed, room for [`BOUNCE_PAGES`] pages.
+struct Bounce(Option<KVVec<u8>>);
+
+impl Bounce {
+    fn new() -> Self {
+        Self(None)
+    }
+
+    /// Returns the first `npages` pages of the buffer (at most [`BOUNCE_PAGES`]).
+    fn get(&mut self, npages: usize) -> Result<&mut [u8]> {
+        let len = npages.min(BOUNCE_PAGES) * PAGE_SIZE;
+        if self.0.is_none() {
+            let mut v = KVVec::with_capacity(BOUNCE_PAGES * PAGE_SIZE, GFP_KERNEL)?;
+            v.resize(BOUNCE_PAGES * PAGE_SIZE, 0, GFP_KERNEL)?;
+            self.0 = Some(v);
+        }
+        Ok(self.0.as_mut().map_or(&mut [][..], |v| &mut v[..len]))
+    }
 }
 
 /// A locked folio a migration fills: a backing system folio or a coherent device folio.
@@ -459,15 +475,32 @@ impl DmirrorFile {
         }
     }
 
-    /// Copies mirrored pages `[first, npages)` of the range at `addr` into `buf`, stopping at
-    /// the first page that is not mirrored (or not writable, for `need_write`). Returns the
-    /// number of pages done in all.
-    fn copy_out(&self, addr: usize, first: usize, npages: usize, buf: &mut [u8]) -> Result<usize> {
+    /// Copies mirrored pages `[first, end)` of the range at `addr` into `buf`, which holds
+    /// `end - first` pages, stopping at the first page that is not mirrored. Returns the index
+    /// of the page it stopped at (`end` when all were copied).
+    fn copy_out(&self, addr: usize, first: usize, end: usize, buf: &mut [u8]) -> Result<usize> {
+        self.walk_out(addr, first, end, |i, entry| {
+            let at = (i - first) * PAGE_SIZE;
+            entry.folio.read(entry.offset, &mut buf[at..at + PAGE_SIZE])?;
+            Ok(true)
+        })
+    }
+
+    /// Calls `f(i, entry)` under the mirror lock for each live mirrored page `i` of
+    /// `[first, end)` of the range at `addr`, in order, until a page is not mirrored or `f`
+    /// returns false. Returns the index of the page it stopped at (`end` when it did not).
+    fn walk_out(
+        &self,
+        addr: usize,
+        first: usize,
+        end: usize,
+        mut f: impl FnMut(usize, &Entry) -> Result<bool>,
+    ) -> Result<usize> {
         let mirror = self.mirror.lock();
         let base = addr / PAGE_SIZE;
         // The current leaf and which of its entries are live, checked a leaf at a time.
         let mut leaf: Option<(usize, &[Option<Entry>; LEAF_PAGES], u64)> = None;
-        for i in first..npages {
+        for i in first..end {
             let page = base + i;
             let key = page / LEAF_PAGES;
             if leaf.is_none_or(|(k, _, _)| k != key) {
@@ -480,31 +513,145 @@ impl DmirrorFile {
             else {
                 return Ok(i);
             };
-            entry
-                .folio
-                .read(entry.offset, &mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])?;
+            if !f(i, entry)? {
+                return Ok(i);
+            }
         }
-        Ok(npages)
+        Ok(end)
     }
 
-    /// Copies `buf` into mirrored, writable pages `[first, npages)`; as [`Self::copy_out`].
-    /// A page whose lock is held elsewhere counts as not mirrored: it is faulted and retried.
-    fn copy_in(&self, addr: usize, first: usize, npages: usize, buf: &[u8]) -> Result<usize> {
+    /// Copies mirrored pages `[first, npages)` of the range at `addr` to the user memory at
+    /// `ptr` (page `i` to `ptr + i * PAGE_SIZE`), stopping at the first page that is not
+    /// mirrored; returns the index of that page (`npages` when all were copied).
+    ///
+    /// Pages are copied straight from the mirrored folio under the mirror lock, with page
+    /// faults disabled (a fault would invalidate, which takes the lock). From a user page that
+    /// is not present on, a window goes through `bounce` instead, copied out under the lock and
+    /// to user memory after it, faulting as needed.
+    fn copy_to_user(
+        &self,
+        addr: usize,
+        ptr: usize,
+        first: usize,
+        npages: usize,
+        bounce: &mut Bounce,
+    ) -> Result<usize> {
+        let mut done = first;
+        while done < npages {
+            let mut out = UserSlice::new(
+                UserPtr::from_addr(ptr + done * PAGE_SIZE),
+                (npages - done) * PAGE_SIZE,
+            )
+            .writer();
+            let mut not_present = false;
+            done = self.walk_out(addr, done, npages, |_, entry| {
+                not_present = entry
+                    .folio
+                    .copy_to_user_nofault(entry.offset, PAGE_SIZE, &mut out)
+                    .is_err();
+                Ok(!not_present)
+            })?;
+            if !not_present {
+                return Ok(done);
+            }
+            let end = (done + BOUNCE_PAGES).min(npages);
+            let buf = bounce.get(end - done)?;
+            let copied = self.copy_out(addr, done, end, buf)?;
+            UserSlice::new(
+                UserPtr::from_addr(ptr + done * PAGE_SIZE),
+                (copied - done) * PAGE_SIZE,
+            )
+            .writer()
+            .write_slice(&buf[..(copied - done) * PAGE_SIZE])?;
+            if copied < end {
+                return Ok(copied);
+            }
+            done = end;
+        }
+        Ok(done)
+    }
+
+    /// Copies the user memory at `ptr` into mirrored, writable pages `[first, npages)` of the
+    /// range at `addr`, as [`Self::copy_to_user`] does the other way (straight only from a
+    /// page-aligned buffer); a page whose lock is held elsewhere counts as not mirrored (it is
+    /// faulted and retried).
+    fn copy_from_user(
+        &self,
+        addr: usize,
+        ptr: usize,
+        first: usize,
+        npages: usize,
+        bounce: &mut Bounce,
+    ) -> Result<usize> {
+        // Straight from a page-aligned user buffer only: a user page that is not present then
+        // fails the copy of a mirrored page before any of it is written.
+        let direct = ptr % PAGE_SIZE == 0;
+        let mut done = first;
+        while done < npages {
+            let mut input = UserSlice::new(
+                UserPtr::from_addr(ptr + done * PAGE_SIZE),
+                (npages - done) * PAGE_SIZE,
+            )
+            .reader();
+            let mut not_present = false;
+            if direct {
+                done = self.walk_in(addr, done, npages, |_, guard, offset| {
+                    not_present = guard
+                        .copy_from_user_nofault(offset, PAGE_SIZE, &mut input)
+                        .is_err();
+                    !not_present
+                });
+            }
+            if direct && !not_present {
+                return Ok(done);
+            }
+            let end = (done + BOUNCE_PAGES).min(npages);
+            let buf = bounce.get(end - done)?;
+            UserSlice::new(
+                UserPtr::from_addr(ptr + done * PAGE_SIZE),
+                (end - done) * PAGE_SIZE,
+            )
+            .reader()
+            .read_slice(buf)?;
+            let first = done;
+            done = self.walk_in(addr, done, end, |i, guard, offset| {
+                let at = (i - first) * PAGE_SIZE;
+                guard.write(offset, &buf[at..at + PAGE_SIZE]).is_ok()
+            });
+            if done < end {
+                return Ok(done);
+            }
+        }
+        Ok(done)
+    }
+    /// Calls `f(i, guard, offset)` under the mirror lock for each live, writable mirrored page
+    /// `i` of `[first, end)` of the range at `addr`, in order, with its folio locked and the
+    /// page's offset in it, until a page is not mirrored (or its folio is locked elsewhere) or
+    /// `f` returns false. Returns the index of the page it stopped at (`end` when it did not).
+    fn walk_in(
+        &self,
+        addr: usize,
+        first: usize,
+        end: usize,
+        mut f: impl FnMut(usize, &mut FolioGuard<'_>, usize) -> bool,
+    ) -> usize {
         let mirror = self.mirror.lock();
         let base = addr / PAGE_SIZE;
-        for i in first..npages {
+        for i in first..end {
             let Some(entry) = mirror
                 .get(base + i)
                 .filter(|e| e.write && !e.atomic && e.is_live())
             else {
-                return Ok(i);
+                return i;
             };
             let Some(mut guard) = entry.folio.try_lock() else {
-                return Ok(i);
+                return i;
             };
-            guard.write(entry.offset, &buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])?;
+            if !f(i, &mut guard, entry.offset) {
+                return i;
+            }
         }
-        Ok(npages)
+        end
     }
 
     /// Runs `f(vma, start, next)` under the mmap read lock for each window of the range: at most
@@ -537,84 +684,56 @@ impl DmirrorFile {
     /// Copies the mirror of the whole range to `cmd.ptr` without faulting: `ENOENT` if a page
     /// is not mirrored (it did not reach the device).
     fn read_back(&self, cmd: &mut Cmd) -> Result {
-        let mut out = user(cmd)?.writer();
-        self.for_each_bounce(cmd, |start, n, buf| {
-            if self.copy_out(start, 0, n, buf)? != n {
-                return Err(ENOENT);
-            }
-            out.write_slice(buf)
-        })?;
+        let (addr, ptr, npages) = (cmd.addr as usize, cmd.ptr as usize, cmd.npages as usize);
+        check_user_range(cmd)?;
+        if self.copy_to_user(addr, ptr, 0, npages, &mut Bounce::new())? != npages {
+            return Err(ENOENT);
+        }
         cmd.cpages = cmd.npages;
         Ok(())
     }
 
     fn read(&self, cmd: &mut Cmd, unlocked: bool) -> Result {
-        let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
+        let (addr, ptr, npages) = (cmd.addr as usize, cmd.ptr as usize, cmd.npages as usize);
         let end = addr + npages * PAGE_SIZE;
         let mm = self.mm_user(EFAULT)?;
-        let mut out = user(cmd)?.writer();
-        let mut faults = 0;
-        self.for_each_bounce(cmd, |start, n, buf| {
-            let mut done = 0;
-            loop {
-                done = self.copy_out(start, done, n, buf)?;
-                if done == n {
-                    return out.write_slice(buf);
-                }
-                // The rest of the range in one go, as the ABI counts faults.
-                self.fault(&mm, start + done * PAGE_SIZE, end, false, unlocked)?;
-                faults += 1;
+        check_user_range(cmd)?;
+        let mut bounce = Bounce::new();
+        let mut done = 0;
+        loop {
+            done = self.copy_to_user(addr, ptr, done, npages, &mut bounce)?;
+            if done == npages {
+                break;
             }
-        })?;
-        cmd.faults += faults;
+            // The rest of the range in one go, as the ABI counts faults.
+            self.fault(&mm, addr + done * PAGE_SIZE, end, false, unlocked)?;
+            cmd.faults += 1;
+        }
         cmd.cpages = npages as u64;
         Ok(())
     }
 
     fn write(&self, cmd: &mut Cmd) -> Result {
-        let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
+        let (addr, ptr, npages) = (cmd.addr as usize, cmd.ptr as usize, cmd.npages as usize);
         let end = addr + npages * PAGE_SIZE;
         let mm = self.mm_user(EFAULT)?;
-        let mut input = user(cmd)?.reader();
-        let mut faults = 0;
+        check_user_range(cmd)?;
+        let mut bounce = Bounce::new();
         let started = Instant::<Monotonic>::now();
-        self.for_each_bounce(cmd, |start, n, buf| {
-            input.read_slice(buf)?;
-            let mut done = 0;
-            loop {
-                let before = done;
-                done = self.copy_in(start, done, n, buf)?;
-                if done == n {
-                    return Ok(());
-                }
-                if done == before && started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
-                    return Err(EBUSY);
-                }
-                self.fault(&mm, start + done * PAGE_SIZE, end, true, false)?;
-                faults += 1;
+        let mut done = 0;
+        loop {
+            let before = done;
+            done = self.copy_from_user(addr, ptr, done, npages, &mut bounce)?;
+            if done == npages {
+                break;
             }
-        })?;
-        cmd.faults += faults;
-        cmd.cpages = npages as u64;
-        Ok(())
-    }
-
-    /// Runs `f(start, n, buf)` for each window of at most [`BOUNCE_PAGES`] pages of the
-    /// command's range, in order, with a bounce buffer of `n` pages: data moves between the
-    /// mirror and user memory a window at a time, never under the mirror lock.
-    fn for_each_bounce(
-        &self,
-        cmd: &Cmd,
-        mut f: impl FnMut(usize, usize, &mut [u8]) -> Result,
-    ) -> Result {
-        let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
-        let mut buf = bounce(npages.min(BOUNCE_PAGES))?;
-        let mut first = 0;
-        while first < npages {
-            let n = (npages - first).min(BOUNCE_PAGES);
-            f(addr + first * PAGE_SIZE, n, &mut buf[..n * PAGE_SIZE])?;
-            first += n;
+            if done == before && started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
+                return Err(EBUSY);
+            }
+            self.fault(&mm, addr + done * PAGE_SIZE, end, true, false)?;
+            cmd.faults += 1;
         }
+        cmd.cpages = npages as u64;
         Ok(())
     }
 
