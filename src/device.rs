@@ -11,30 +11,32 @@
 //!
 //! # Locking
 //!
-//! `Device::chunks` (a mutex) is taken to find or add a chunk and never while a mirror lock is
+//! `Device::memory` (a mutex) is taken to find or add a chunk and never while a mirror lock is
 //! held. Each chunk's backing table is a spinlock, taken for single lookups and updates only
 //! (`folio_free` runs in atomic context). Eviction (RELEASE, last close, unload) takes the
-//! chunks out of the device under the mutex and drops them after releasing it, so migrations
-//! that need the mutex to allocate never wait for an eviction that waits for them.
+//! chunks out of the device under the mutex and drops them after releasing it, so it never
+//! waits under the mutex for a migration that needs it; a migration window waits for an
+//! eviction in progress before it allocates, holding no device page (see
+//! [`Device::allocator`]).
 
 use core::{
     fmt,
     sync::atomic::{AtomicUsize, Ordering},
 };
 use kernel::{
-    alloc::flags::{__GFP_NOWARN, GFP_HIGHUSER_MOVABLE, GFP_KERNEL},
+    alloc::flags::{__GFP_NOWARN, GFP_HIGHUSER, GFP_HIGHUSER_MOVABLE, GFP_KERNEL},
     mm::{
         folio::Folio,
         memremap::{
             Census, DevPagemap, DeviceFault, DeviceFolio, DevicePagemapOps, FreedFolio,
             PagemapOwner, SplitFolio, VmFaultCode, PMD_ORDER, SECTION_SIZE,
         },
-        migrate::{LockedFolio, MigrateVma, Select, COMPOUND_PAGES},
+        migrate::{LockedFolio, MigrateVma, Select},
     },
-    new_mutex, new_spinlock,
+    new_condvar, new_mutex, new_spinlock,
     page::PAGE_SIZE,
     prelude::*,
-    sync::{aref::ARef, Arc, Mutex, MutexGuard, SpinLock},
+    sync::{aref::ARef, Arc, CondVar, Mutex, MutexGuard, SpinLock},
 };
 
 /// Pages a CPU fault on a page table entry migrates back at most: the naturally aligned
@@ -63,12 +65,25 @@ pub(crate) enum Storage<'a> {
     Direct,
 }
 
-/// Allocates a locked system folio; large ones are opportunistic (callers fall back to pages).
+/// Allocates a locked system folio for a migration to system memory, which user space will
+/// map; large ones are opportunistic (callers fall back to pages).
 pub(crate) fn alloc_system(order: u32) -> Result<LockedFolio> {
     let flags = if order > 0 {
         GFP_HIGHUSER_MOVABLE | __GFP_NOWARN
     } else {
         GFP_HIGHUSER_MOVABLE
+    };
+    LockedFolio::alloc(flags, order)
+}
+
+/// Allocates the backing of a new device-private folio: kernel-owned and never migrated, so
+/// not movable (a movable allocation would take pageblocks from the memory that compaction
+/// assembles huge pages from); large ones are opportunistic (callers fall back to pages).
+fn alloc_backing(order: u32) -> Result<LockedFolio> {
+    let flags = if order > 0 {
+        GFP_HIGHUSER | __GFP_NOWARN
+    } else {
+        GFP_HIGHUSER
     };
     LockedFolio::alloc(flags, order)
 }
@@ -133,11 +148,34 @@ impl Chunk {
         }
     }
 
+    /// Copies the data of the device page at `index` into the one-page folio `dst`; a page
+    /// without backing reads as zeroes. `src` is the device folio holding the page as its page
+    /// `page`: coherent memory is read there. Private memory is copied under the table's lock,
+    /// which a 4 KiB copy holds briefly, rather than with a reference of its own.
+    fn copy_page_to(&self, index: usize, src: &Folio, page: usize, dst: &mut LockedFolio) {
+        let copied = if self.coherent {
+            dst.copy_page_from(0, src, page)
+        } else {
+            self.backing
+                .lock()
+                .get(index)
+                .and_then(Option::as_ref)
+                .map_or(Err(ENOENT), |b| dst.copy_page_from(0, &b.folio, b.page))
+        };
+        if copied.is_err() {
+            // `dst` has a page 0, so this cannot fail.
+            let _ = dst.zero_page(0);
+        }
+    }
+
     /// Copies the data of the device pages from `index` on into `dst`, one page of `dst` each;
     /// a page without backing reads as zeroes. `src` is the device folio holding page `index`
     /// as its page `first`: coherent memory is read there.
     pub(crate) fn copy_to(&self, index: usize, src: &Folio, first: usize, dst: &mut LockedFolio) {
         let nr = dst.folio().nr_pages();
+        if nr == 1 {
+            return self.copy_page_to(index, src, first, dst);
+        }
         if self.coherent {
             if first == 0 && src.nr_pages() == nr && dst.copy_from(src).is_ok() {
                 return;
@@ -150,23 +188,7 @@ impl Chunk {
             }
             return;
         }
-        // The common case: a device folio copied whole into a folio of its order. Copied
-        // under the table's lock, which a 4 KiB page holds briefly, rather than with a
-        // reference of its own.
-        let whole = self
-            .backing
-            .lock()
-            .get(index)
-            .and_then(Option::as_ref)
-            .is_some_and(|b| {
-                b.page == 0
-                    && b.folio.nr_pages() == nr
-                    && nr == 1
-                    && dst.copy_from(&b.folio).is_ok()
-            });
-        if whole {
-            return;
-        }
+        // The common case: a device folio copied whole into a folio of its order.
         if let Some(b) = self.backing(index) {
             if b.page == 0 && b.folio.nr_pages() == nr && dst.copy_from(&b.folio).is_ok() {
                 return;
@@ -195,9 +217,16 @@ pub(crate) fn to_system(
     owner: &PagemapOwner<Chunk>,
     mut fail_next: impl FnMut() -> bool,
 ) -> Result {
-    // Destinations are filled while the source is borrowed from `mig`, handed over after;
-    // one array for the whole migration.
-    let mut dsts = KVec::with_capacity(mig.npages().min(COMPOUND_PAGES), GFP_KERNEL)?;
+    // Destinations of large sources are filled while the source is borrowed from `mig`,
+    // handed over after.
+    let mut dsts = KVec::new();
+    // The one-page destinations, from one call to the page allocator: every collected entry
+    // that is not compound takes one.
+    let small = (0..mig.npages())
+        .filter(|&i| mig.src(i).is_migrate() && mig.src(i).has_page() && mig.span(i) == 1)
+        .count();
+    let mut pool = KVec::new();
+    LockedFolio::alloc_bulk(GFP_HIGHUSER_MOVABLE, small, &mut pool)?;
     let mut i = 0;
     while i < mig.npages() {
         let span = mig.span(i);
@@ -215,6 +244,12 @@ pub(crate) fn to_system(
             let large = if span == 1 {
                 if fail_next() {
                     return Err(ENOMEM);
+                }
+                if let Some(mut dst) = pool.pop() {
+                    chunk.copy_page_to(index, folio, page, &mut dst);
+                    mig.set_dst(i, dst)?;
+                    i += 1;
+                    continue;
                 }
                 None
             } else if fail_next() {
@@ -313,10 +348,18 @@ impl DevicePagemapOps for Chunk {
     }
 }
 
+/// The memory of a device, under its mutex.
+pub(crate) struct Memory {
+    /// The chunks of device memory.
+    chunks: KVec<Pin<KBox<DevPagemap<Chunk>>>>,
+    /// Evictions in progress: chunks taken out of `chunks` and not yet unregistered.
+    releasing: usize,
+}
+
 /// The memory of a device, locked for a run of allocations: see [`Device::allocator`].
 pub(crate) struct Allocator<'a> {
     device: &'a Device,
-    chunks: MutexGuard<'a, KVec<Pin<KBox<DevPagemap<Chunk>>>>>,
+    memory: MutexGuard<'a, Memory>,
 }
 
 impl Allocator<'_> {
@@ -332,9 +375,9 @@ impl Allocator<'_> {
         let this = self.device;
         let mut backing = match this.coherent {
             Some(_) => None,
-            None => Some(alloc_system(order)?),
+            None => Some(alloc_backing(order)?),
         };
-        let chunks = &mut self.chunks;
+        let chunks = &mut self.memory.chunks;
         for c in chunks.iter() {
             if let Ok(folio) = c.alloc(order) {
                 return Device::fill_new(folio, backing.as_mut(), f);
@@ -370,7 +413,7 @@ impl Allocator<'_> {
             chunk.base_pfn()
         );
         chunks.push(chunk, GFP_KERNEL)?;
-        // Pages are only allocated under `chunks`: the new chunk is still empty.
+        // Pages are only allocated under the mutex: the new chunk is still empty.
         let folio = chunks.last().ok_or(ENOMEM)?.alloc(order)?;
         Device::fill_new(folio, backing.as_mut(), f)
     }
@@ -389,7 +432,10 @@ pub(crate) struct Device {
     pub(crate) owner: Arc<PagemapOwner<Chunk>>,
     /// The chunks of device memory.
     #[pin]
-    chunks: Mutex<KVec<Pin<KBox<DevPagemap<Chunk>>>>>,
+    memory: Mutex<Memory>,
+    /// Notified when an eviction has unregistered the chunks it took out.
+    #[pin]
+    released: CondVar,
     max_chunks: usize,
     /// Open files; the last close evicts the device memory.
     opens: AtomicUsize,
@@ -424,7 +470,14 @@ impl Device {
                 coherent,
                 chunk_size,
                 owner,
-                chunks <- new_mutex!(KVec::new(), "dmirror::Device::chunks"),
+                memory <- new_mutex!(
+                    Memory {
+                        chunks: KVec::new(),
+                        releasing: 0,
+                    },
+                    "dmirror::Device::memory"
+                ),
+                released <- new_condvar!("dmirror::Device::released"),
                 max_chunks,
                 opens: AtomicUsize::new(0),
                 evictions: AtomicUsize::new(0),
@@ -447,11 +500,23 @@ impl Device {
         }
     }
 
-    /// Locks the device's memory for a run of allocations (one migration window).
+    /// Locks the device's memory for a run of allocations (one migration window), once no
+    /// eviction is in progress.
+    ///
+    /// A new chunk must not be registered while evicted ones are still being unregistered: a
+    /// coherent chunk would claim the same reserved range again (`EBUSY`), a private one would
+    /// exceed the cap. Waiting here is safe because the caller holds no device page of this
+    /// device that is not yet handed to the core: allocations happen only under this lock, a
+    /// migration window takes it once and finalises before the next one, and an eviction takes
+    /// chunks out only under it.
     pub(crate) fn allocator(&self) -> Allocator<'_> {
+        let mut memory = self.memory.lock();
+        while memory.releasing > 0 {
+            self.released.wait(&mut memory);
+        }
         Allocator {
             device: self,
-            chunks: self.chunks.lock(),
+            memory,
         }
     }
 
@@ -475,7 +540,8 @@ impl Device {
     /// Writes the device's counters (the `stats` file of its debugfs directory): one
     /// `key value` line each, summed over its chunks; see the README for their meaning.
     pub(crate) fn write_stats(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let chunks = self.chunks.lock();
+        let memory = self.memory.lock();
+        let chunks = &memory.chunks;
         let mut t = Census::default();
         let mut splits = 0;
         for c in chunks.iter() {
@@ -519,7 +585,8 @@ impl Device {
     /// reference count is one per allocated page. Sleeps (an RCU grace period per chunk).
     pub(crate) fn write_check(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Held across the reads: no chunk is added or evicted, and checks are serialised.
-        let chunks = self.chunks.lock();
+        let memory = self.memory.lock();
+        let chunks = &memory.chunks;
         let mut ok = true;
         for (n, c) in chunks.iter().enumerate() {
             let census = c.census();
@@ -554,11 +621,19 @@ impl Device {
 
     /// Evicts every page of device memory back to system memory and unregisters it.
     pub(crate) fn release(&self) {
-        let chunks = core::mem::take(&mut *self.chunks.lock());
-        if !chunks.is_empty() {
-            self.evictions.fetch_add(1, Ordering::Relaxed);
-        }
+        let chunks = {
+            let mut memory = self.memory.lock();
+            let chunks = core::mem::take(&mut memory.chunks);
+            if chunks.is_empty() {
+                return;
+            }
+            memory.releasing += 1;
+            chunks
+        };
+        self.evictions.fetch_add(1, Ordering::Relaxed);
         // Dropped outside the lock: eviction may wait for migrations that need it.
         drop(chunks);
+        self.memory.lock().releasing -= 1;
+        self.released.notify_all();
     }
 }

@@ -210,6 +210,24 @@ impl Mirror {
         Ok(())
     }
 
+    /// Returns whether an entry of pages `[first, end)` satisfies `which`.
+    fn any(&self, first: usize, end: usize, which: impl Fn(&Entry) -> bool) -> bool {
+        let mut next = first / LEAF_PAGES;
+        while let Some(c) = self.table.cursor_lower_bound(&next) {
+            let (&key, leaf) = c.current();
+            let base = key * LEAF_PAGES;
+            if base >= end {
+                break;
+            }
+            let (lo, hi) = (first.saturating_sub(base), (end - base).min(LEAF_PAGES));
+            if leaf[lo..hi].iter().flatten().any(&which) {
+                return true;
+            }
+            next = key + 1;
+        }
+        false
+    }
+
     /// Removes the entries of pages `[first, end)` for which `which` returns true; frees
     /// leaves left empty.
     fn remove(&mut self, first: usize, end: usize, which: impl Fn(&Entry) -> bool) {
@@ -1002,12 +1020,11 @@ impl DmirrorFile {
     }
 
     fn check_exclusive(&self, cmd: &mut Cmd) -> Result {
-        let base = cmd.addr as usize / PAGE_SIZE;
-        let mirror = self.mirror.lock();
-        for i in 0..cmd.npages as usize {
-            if mirror.get(base + i).is_some_and(|e| e.atomic) {
-                return Err(EPERM);
-            }
+        let first = cmd.addr as usize / PAGE_SIZE;
+        let end = first + cmd.npages as usize;
+        // The leaves that exist in the range, not every page of it: `npages` may be huge.
+        if self.mirror.lock().any(first, end, |e| e.atomic) {
+            return Err(EPERM);
         }
         Ok(())
     }
