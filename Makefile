@@ -36,8 +36,8 @@ KMAKE = $(MAKE) -C $(KDIR) LLVM=-19 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdo
 	CLIPPY_DRIVER=/usr/bin/clippy-driver \
 	BINDGEN=$(HOME)/.cargo/bin/bindgen
 
-.PHONY: all module clippy rust-analyzer kernel setup canary selftest tools suite perf bench \
-	initramfs demo test check-dmirror check-suite host-test checkpatch clean
+.PHONY: all module clippy rust-analyzer kernel setup canary selftest tools suite perf fuzz bench \
+	initramfs demo test check-dmirror check-suite check-fuzz soak host-test checkpatch clean
 
 all: module
 
@@ -79,6 +79,12 @@ perf:
 	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
 		--target x86_64-unknown-linux-gnu -p dmirror-perf
 
+# The ioctl fuzzer, static like the suite.
+FUZZ := $(ROOT)/target/x86_64-unknown-linux-gnu/release/dmirror-fuzz
+fuzz:
+	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
+		--target x86_64-unknown-linux-gnu -p dmirror-fuzz
+
 # The FS-DAX cases' file system: ext4 for /dev/pmem0 (256 MiB), written there
 # in the guest (busybox has no mkfs).
 FSDAX_IMG := $(BUILD)/fsdax.img.gz
@@ -88,11 +94,11 @@ $(FSDAX_IMG):
 	/usr/sbin/mkfs.ext4 -q -F -b 4096 -E nodiscard -L fsdax $(BUILD)/fsdax.img
 	gzip -1 -c $(BUILD)/fsdax.img >$@.tmp && mv $@.tmp $@ && rm -f $(BUILD)/fsdax.img
 
-initramfs: module canary selftest suite perf $(FSDAX_IMG)
+initramfs: module canary selftest suite perf fuzz $(FSDAX_IMG)
 	$(ROOT)/scripts/mkinitramfs $(KDIR) $(BUILD)/initramfs.cpio.gz \
 		$(ROOT)/dmirror.ko $(ROOT)/tests/canary/bench_canary.ko \
 		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/dmirror_evict $(SUITE) $(PERF) \
-		$(FSDAX_IMG)
+		$(FUZZ) $(FSDAX_IMG)
 
 host-test:
 	cargo test --quiet --workspace
@@ -127,13 +133,29 @@ check-dmirror: initramfs tools
 	$(BENCH) run --plan dmirror --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS) $(if $(HMM),--append dmirror.hmm=$(subst $(space),$(comma),$(strip $(HMM)))) \
-		$(if $(SUITE_ARGS),--append dmirror.suite=$(subst $(space),$(comma),$(strip $(SUITE_ARGS))))
+		$(if $(SUITE_ARGS),--append dmirror.suite=$(subst $(space),$(comma),$(strip $(SUITE_ARGS)))) \
+		$(if $(FUZZ_ARGS),--append dmirror.fuzz=$(subst $(space),$(comma),$(strip $(FUZZ_ARGS))))
 
 # The own suite alone; SUITE_ARGS="-t NAME" filters it, SEED=N replays a seed.
 check-suite: initramfs tools
 	$(BENCH) run --plan suite --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS) $(if $(SUITE_ARGS),--append dmirror.suite=$(subst $(space),$(comma),$(strip $(SUITE_ARGS))))
+
+# The ioctl fuzzer alone; FUZZ_ARGS="--calls 300000 --threads 4" sets its arguments, SEED=N
+# replays a seed.
+check-fuzz: initramfs tools
+	$(BENCH) run --plan fuzz --kernel $(KDIR)/arch/x86/boot/bzImage \
+		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
+		$(BENCH_ARGS) $(if $(FUZZ_ARGS),--append dmirror.fuzz=$(subst $(space),$(comma),$(strip $(FUZZ_ARGS))))
+
+# Load, use, unload cycles (CYCLES, default 200), then the kmemleak scan; meant for
+# KERNEL_FLAVOUR=debug, whose `make test` runs it too.
+CYCLES ?=
+soak: initramfs tools
+	$(BENCH) run --plan soak --kernel $(KDIR)/arch/x86/boot/bzImage \
+		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
+		$(BENCH_ARGS) $(if $(CYCLES),--append dmirror.cycles=$(CYCLES))
 
 clean:
 	-$(KMAKE) M=$(ROOT) clean

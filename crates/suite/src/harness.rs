@@ -116,6 +116,8 @@ pub struct Config {
     pub args: Vec<String>,
     /// Seed of the random patterns.
     pub seed: u64,
+    /// Load, use, unload cycles of `load_unload` (the soak runs more).
+    pub cycles: u64,
 }
 
 /// What a running case gets.
@@ -178,11 +180,12 @@ fn plan(cases: &[Case]) -> Vec<Planned<'_>> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: dmirror-suite [-l] [-t NAME]... [--seed N] [--module KO] [--arg ARG]...\n\
+        "usage: dmirror-suite [-l] [-t NAME]... [--seed N] [--cycles N] [--module KO] [--arg ARG]...\n\
          \n\
          -l          list the cases\n\
          -t NAME     run only cases whose name contains NAME (repeatable)\n\
          --seed N    seed of the random patterns (default: from the clock; printed)\n\
+         --cycles N  load, use, unload cycles of load_unload (default 50)\n\
          --module KO dmirror.ko to load (default /lib/modules/dmirror.ko)\n\
          --arg ARG   a module argument of the standard load (repeatable)"
     );
@@ -200,6 +203,7 @@ pub fn main(cases: &[Case]) -> i32 {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1),
+        cycles: 50,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -210,6 +214,13 @@ pub fn main(cases: &[Case]) -> i32 {
                 config.seed = args
                     .next()
                     .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
+            "--cycles" => {
+                config.cycles = args
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .filter(|&n| n > 0)
                     .unwrap_or_else(|| usage())
             }
             "--module" => config.module = args.next().unwrap_or_else(|| usage()),

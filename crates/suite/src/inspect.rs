@@ -38,7 +38,12 @@ impl Stats {
 
 /// Reads the counters of device `v`.
 pub fn stats(v: Variant) -> R<Stats> {
-    let path = format!("{DEBUGFS}/{}/stats", v.device());
+    device_stats(v.device())
+}
+
+/// Reads the counters of the device named `device` (`hmm_dmirrorN`).
+pub fn device_stats(device: &str) -> R<Stats> {
+    let path = format!("{DEBUGFS}/{device}/stats");
     let text = std::fs::read_to_string(&path)
         .map_err(|e| Fail::Fail(format!("cannot read {path}: {e}")))?;
     Ok(Stats(parse_kv(&text)))
@@ -46,7 +51,12 @@ pub fn stats(v: Variant) -> R<Stats> {
 
 /// Runs the refcount check of device `v`: fails with its report unless it says `result ok`.
 pub fn check(v: Variant) -> R {
-    let path = format!("{DEBUGFS}/{}/check", v.device());
+    device_check(v.device())
+}
+
+/// Runs the refcount check of the device named `device` (`hmm_dmirrorN`).
+pub fn device_check(device: &str) -> R {
+    let path = format!("{DEBUGFS}/{device}/check");
     let text = std::fs::read_to_string(&path)
         .map_err(|e| Fail::Fail(format!("cannot read {path}: {e}")))?;
     if text.lines().last() == Some("result ok") {
@@ -60,7 +70,12 @@ pub fn check(v: Variant) -> R {
 /// allocated, all of them mapped, no free page with a reference, the pagemap references
 /// matching. Returns the counters.
 pub fn settled(v: Variant, allocated: u64) -> R<Stats> {
-    let s = stats(v)?;
+    settled_device(v.device(), allocated)
+}
+
+/// [`settled`] for the device named `device` (`hmm_dmirrorN`), any of the four.
+pub fn settled_device(device: &str, allocated: u64) -> R<Stats> {
+    let s = device_stats(device)?;
     let a = s.get("allocated");
     if a != allocated
         || s.get("mapped") != a
@@ -70,12 +85,11 @@ pub fn settled(v: Variant, allocated: u64) -> R<Stats> {
         || s.get("bad_pgmap") != 0
     {
         return Err(Fail::Fail(format!(
-            "{}: expected {allocated} allocated, all mapped, none in flight, no bad page; got {:?}",
-            v.device(),
+            "{device}: expected {allocated} allocated, all mapped, none in flight, no bad page; got {:?}",
             s.0
         )));
     }
-    check(v)?;
+    device_check(device)?;
     Ok(s)
 }
 

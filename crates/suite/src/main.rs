@@ -3,11 +3,12 @@
 //! Run as root in the bench guest with dmirror.ko at hand:
 //! `dmirror-suite [-l] [-t NAME]... [--seed N] [--module KO] [--arg ARG]...`
 
-use dmirror_suite::{dax, device, harness, module};
+use dmirror_suite::{badinput, dax, device, harness, module};
 
 fn main() {
     let cases: Vec<_> = device::CASES
         .iter()
+        .chain(badinput::CASES)
         .chain(module::CASES)
         .chain(dax::CASES)
         .copied()
