@@ -63,6 +63,15 @@ fn check_user_range(cmd: &Cmd) -> Result {
         .ok_or(EFAULT)
 }
 
+/// The user memory for pages `[first, end)` of a command's buffer at `ptr` (checked by
+/// [`check_user_range`]).
+fn user_pages(ptr: usize, first: usize, end: usize) -> UserSlice {
+    UserSlice::new(
+        UserPtr::from_addr(ptr + first * PAGE_SIZE),
+        (end - first) * PAGE_SIZE,
+    )
+}
+
 /// Pages faulted per `hmm_range_fault()` call.
 const FAULT_WINDOW: usize = 64;
 
@@ -499,7 +508,9 @@ impl DmirrorFile {
     fn copy_out(&self, addr: usize, first: usize, end: usize, buf: &mut [u8]) -> Result<usize> {
         self.walk_out(addr, first, end, |i, entry| {
             let at = (i - first) * PAGE_SIZE;
-            entry.folio.read(entry.offset, &mut buf[at..at + PAGE_SIZE])?;
+            entry
+                .folio
+                .read(entry.offset, &mut buf[at..at + PAGE_SIZE])?;
             Ok(true)
         })
     }
@@ -556,11 +567,7 @@ impl DmirrorFile {
     ) -> Result<usize> {
         let mut done = first;
         while done < npages {
-            let mut out = UserSlice::new(
-                UserPtr::from_addr(ptr + done * PAGE_SIZE),
-                (npages - done) * PAGE_SIZE,
-            )
-            .writer();
+            let mut out = user_pages(ptr, done, npages).writer();
             let mut not_present = false;
             done = self.walk_out(addr, done, npages, |_, entry| {
                 not_present = entry
@@ -575,12 +582,9 @@ impl DmirrorFile {
             let end = (done + BOUNCE_PAGES).min(npages);
             let buf = bounce.get(end - done)?;
             let copied = self.copy_out(addr, done, end, buf)?;
-            UserSlice::new(
-                UserPtr::from_addr(ptr + done * PAGE_SIZE),
-                (copied - done) * PAGE_SIZE,
-            )
-            .writer()
-            .write_slice(&buf[..(copied - done) * PAGE_SIZE])?;
+            user_pages(ptr, done, copied)
+                .writer()
+                .write_slice(&buf[..(copied - done) * PAGE_SIZE])?;
             if copied < end {
                 return Ok(copied);
             }
@@ -606,11 +610,7 @@ impl DmirrorFile {
         let direct = ptr % PAGE_SIZE == 0;
         let mut done = first;
         while done < npages {
-            let mut input = UserSlice::new(
-                UserPtr::from_addr(ptr + done * PAGE_SIZE),
-                (npages - done) * PAGE_SIZE,
-            )
-            .reader();
+            let mut input = user_pages(ptr, done, npages).reader();
             let mut not_present = false;
             if direct {
                 done = self.walk_in(addr, done, npages, |_, guard, offset| {
@@ -625,12 +625,7 @@ impl DmirrorFile {
             }
             let end = (done + BOUNCE_PAGES).min(npages);
             let buf = bounce.get(end - done)?;
-            UserSlice::new(
-                UserPtr::from_addr(ptr + done * PAGE_SIZE),
-                (end - done) * PAGE_SIZE,
-            )
-            .reader()
-            .read_slice(buf)?;
+            user_pages(ptr, done, end).reader().read_slice(buf)?;
             let first = done;
             done = self.walk_in(addr, done, end, |i, guard, offset| {
                 let at = (i - first) * PAGE_SIZE;
