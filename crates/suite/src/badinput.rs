@@ -597,6 +597,17 @@ fn bad_mm_gone(ctx: &Ctx) -> R {
             let result = (|| -> R {
                 let map = pattern(2, 17)?;
                 let buf = Map::anon(2 * PAGE)?;
+                // The opener's exit dropped its own hold on the address space, but a kernel
+                // thread that was scanning it (khugepaged) may hold it a little longer:
+                // SNAPSHOT succeeds until the last holder lets go.
+                let started = std::time::Instant::now();
+                while dev.cmd(SNAPSHOT, map.addr, buf.addr, 2).is_ok() {
+                    ensure!(
+                        started.elapsed() < std::time::Duration::from_secs(10),
+                        "the opener's address space is still there 10 s after it exited"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
                 for (req, want) in [
                     (READ, libc::EFAULT),
                     (READ_UNLOCKED, libc::EFAULT),
