@@ -226,7 +226,9 @@ pub(crate) fn to_system(
         .filter(|&i| mig.src(i).is_migrate() && mig.src(i).has_page() && mig.span(i) == 1)
         .count();
     let mut pool = KVec::new();
-    LockedFolio::alloc_bulk(GFP_HIGHUSER_MOVABLE, small, &mut pool)?;
+    if small > 0 {
+        LockedFolio::alloc_bulk(GFP_HIGHUSER_MOVABLE, small, &mut pool)?;
+    }
     let mut i = 0;
     while i < mig.npages() {
         let span = mig.span(i);

@@ -317,12 +317,15 @@ impl Bounce {
     /// Returns the first `npages` pages of the buffer (at most [`BOUNCE_PAGES`]).
     fn get(&mut self, npages: usize) -> Result<&mut [u8]> {
         let len = npages.min(BOUNCE_PAGES) * PAGE_SIZE;
-        if self.0.is_none() {
-            let mut v = KVVec::with_capacity(BOUNCE_PAGES * PAGE_SIZE, GFP_KERNEL)?;
-            v.resize(BOUNCE_PAGES * PAGE_SIZE, 0, GFP_KERNEL)?;
-            self.0 = Some(v);
-        }
-        Ok(self.0.as_mut().map_or(&mut [][..], |v| &mut v[..len]))
+        let buf = match &mut self.0 {
+            Some(buf) => buf,
+            none => {
+                let mut v = KVVec::with_capacity(BOUNCE_PAGES * PAGE_SIZE, GFP_KERNEL)?;
+                v.resize(BOUNCE_PAGES * PAGE_SIZE, 0, GFP_KERNEL)?;
+                none.insert(v)
+            }
+        };
+        Ok(&mut buf[..len])
     }
 }
 
@@ -637,6 +640,7 @@ impl DmirrorFile {
         }
         Ok(done)
     }
+
     /// Calls `f(i, guard, offset)` under the mirror lock for each live, writable mirrored page
     /// `i` of `[first, end)` of the range at `addr`, in order, with its folio locked and the
     /// page's offset in it, until a page is not mirrored (or its folio is locked elsewhere) or

@@ -92,26 +92,15 @@ fn parse_args() -> Opts {
     o
 }
 
-/// Loads the module with its arguments; the error is insmod's message.
+/// Loads the module afresh with its arguments; the error is insmod's message.
 fn load(o: &Opts) -> Result<(), String> {
+    let fail = |e: Fail| match e {
+        Fail::Fail(m) | Fail::Skip(m) => m,
+    };
     if inspect::loaded() {
-        inspect::unload().map_err(|e| format!("{e:?}"))?;
+        inspect::unload().map_err(fail)?;
     }
-    let out = std::process::Command::new("insmod")
-        .arg(&o.module)
-        .args(&o.args)
-        .output()
-        .map_err(|e| format!("insmod: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "insmod {} {}: {}",
-            o.module,
-            o.args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+    inspect::load(&o.module, &o.args).map_err(fail)
 }
 
 /// Prints KTAP results in order.

@@ -676,7 +676,7 @@ fn capacity_enomem(ctx: &Ctx) -> R {
         inspect::unload()?;
         let mut args = ctx.config.args.clone();
         args.push("max_chunks=1".into());
-        inspect::load(ctx.config, &args)?;
+        inspect::load(&ctx.config.module, &args)?;
     }
     let result = (|| {
         let dev = Dev::open(&ctx.path())?;
@@ -700,7 +700,7 @@ fn capacity_enomem(ctx: &Ctx) -> R {
     })();
     if reload {
         inspect::unload()?;
-        inspect::load(ctx.config, &ctx.config.args)?;
+        inspect::load(&ctx.config.module, &ctx.config.args)?;
     }
     result
 }
@@ -847,7 +847,7 @@ fn rmmod_with_pages(ctx: &Ctx) -> R {
         verify(pages.bytes(), seed(ctx, "evict_pages"), "pages after rmmod")?;
         verify(huge.bytes(), seed(ctx, "evict_thp"), "THP after rmmod")
     })();
-    inspect::load(ctx.config, &ctx.config.args)?;
+    inspect::load(&ctx.config.module, &ctx.config.args)?;
     result?;
     settled(ctx.variant(), 0).map(|_| ())
 }

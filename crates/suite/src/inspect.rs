@@ -241,18 +241,15 @@ pub fn loaded() -> bool {
         .unwrap_or(false)
 }
 
-/// Loads dmirror with `args`; fails with insmod's message.
-pub fn load(config: &Config, args: &[String]) -> R {
-    let out = Command::new("insmod")
-        .arg(&config.module)
-        .args(args)
-        .output()?;
+/// Loads the dmirror module at `module` with `args`; fails with insmod's message.
+pub fn load(module: &str, args: &[String]) -> R {
+    let out = Command::new("insmod").arg(module).args(args).output()?;
     if out.status.success() {
         Ok(())
     } else {
         Err(Fail::Fail(format!(
             "insmod {} {}: {}",
-            config.module,
+            module,
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         )))
@@ -277,6 +274,6 @@ pub fn ensure_loaded(config: &Config) -> R {
     if loaded() {
         return Ok(());
     }
-    load(config, &config.args)
+    load(&config.module, &config.args)
 }
 

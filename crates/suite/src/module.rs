@@ -24,7 +24,7 @@ fn load_unload(ctx: &Ctx) -> R {
             if inspect::loaded() {
                 inspect::unload()?;
             }
-            inspect::load(ctx.config, &ctx.config.args)?;
+            inspect::load(&ctx.config.module, &ctx.config.args)?;
             for v in [Variant::Private, Variant::Coherent] {
                 let path = format!("/dev/{}", v.device());
                 if !std::path::Path::new(&path).exists() {
@@ -60,5 +60,5 @@ fn load_unload(ctx: &Ctx) -> R {
         ctx.config.cycles,
         started.elapsed().as_secs_f64()
     );
-    inspect::load(ctx.config, &ctx.config.args)
+    inspect::load(&ctx.config.module, &ctx.config.args)
 }
