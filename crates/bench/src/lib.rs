@@ -3,6 +3,7 @@
 
 pub mod dmesg;
 pub mod ktap;
+pub mod regress;
 pub mod report;
 pub mod stream;
 pub mod verdict;

@@ -5,6 +5,7 @@
 //!                   [--results DIR] [--kvm] [--append ARG]...
 //! dmirror-bench judge RESULTS_DIR
 //! dmirror-bench report RESULTS_DIR
+//! dmirror-bench regress PATCHED_DIR STOCK_DIR
 //! ```
 //!
 //! `run` writes `DIR/<timestamp>-<plan>/` (console.log, stream.log,
@@ -12,8 +13,11 @@
 //! prints the verdicts and exits 0 only when every gated suite passed.
 //! `judge` re-judges a saved run from its console.log and stream.log. A run of
 //! the `bench` plan also writes its report to `<run>/bench/` (`report` redoes
-//! that from the saved files).
+//! that from the saved files). `regress` puts the regression suite's results of a
+//! stock-kernel run beside the patched run's (`regress.md` in PATCHED_DIR) and prints the
+//! patched run's gated totals with the regression verdicts added.
 
+use dmirror_bench::regress::{self, Verdict};
 use dmirror_bench::report;
 use dmirror_bench::stream;
 use dmirror_bench::verdict::{self, Summary};
@@ -44,7 +48,7 @@ struct RunArgs {
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--kvm] [--append ARG]...\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR"
+        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--kvm] [--append ARG]...\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR"
     );
     ExitCode::from(2)
 }
@@ -199,10 +203,13 @@ fn run(args: RunArgs) -> Result<bool, String> {
     }
     let summary = judge_dir(&dir)?;
     let reported = if args.plan == "bench" { report_dir(&dir) } else { Ok(()) };
-    let latest = args.results.join("latest");
-    let _ = fs::remove_file(&latest);
-    if let Some(name) = dir.file_name() {
-        std::os::unix::fs::symlink(name, &latest).map_err(|e| format!("{}: {e}", latest.display()))?;
+    // `latest`, and `latest-<plan>` for the runs `make test` pairs up.
+    for link in ["latest".to_string(), format!("latest-{}", args.plan)] {
+        let latest = args.results.join(link);
+        let _ = fs::remove_file(&latest);
+        if let Some(name) = dir.file_name() {
+            std::os::unix::fs::symlink(name, &latest).map_err(|e| format!("{}: {e}", latest.display()))?;
+        }
     }
     reported?;
     Ok(summary.ok)
@@ -216,13 +223,56 @@ fn report_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Judges a results directory and writes its per-suite files and summary.
-fn judge_dir(dir: &Path) -> Result<Summary, String> {
+/// Parses and judges a results directory's saved guest output.
+fn load(dir: &Path) -> Result<(stream::Stream, Summary), String> {
     let read = |name: &str| fs::read(dir.join(name)).map(|b| String::from_utf8_lossy(&b).into_owned());
     let console = read("console.log").unwrap_or_default();
     let stream_text = read("stream.log").map_err(|e| format!("{}/stream.log: {e}", dir.display()))?;
     let stream = stream::parse(&stream_text);
     let summary = verdict::judge(&stream, &console);
+    Ok((stream, summary))
+}
+
+/// Puts the regression suite of a stock run beside a patched run's; prints the table and the
+/// patched run's gated totals with one test per regression row; writes `regress.md`.
+fn regress_dirs(patched_dir: &Path, stock_dir: &Path) -> Result<bool, String> {
+    let (_, patched) = load(patched_dir)?;
+    let (_, stock) = load(stock_dir)?;
+    let rows = regress::compare(&patched, &stock);
+    let md = format!(
+        "Regression suite `{}`: stock kernel ({}, {}) beside patched ({}, {}).\n\n{}",
+        regress::SUITE,
+        stock.kernel.as_deref().unwrap_or("?"),
+        stock_dir.display(),
+        patched.kernel.as_deref().unwrap_or("?"),
+        patched_dir.display(),
+        regress::table(&rows)
+    );
+    fs::write(patched_dir.join("regress.md"), &md).map_err(|e| format!("regress.md: {e}"))?;
+    println!("\n{md}");
+    let count = |v: Verdict| rows.iter().filter(|r| r.verdict == v).count();
+    let (fixed, skipped, wrong) = (count(Verdict::Fixed), count(Verdict::Skip), count(Verdict::Wrong));
+    if rows.is_empty() {
+        println!("bench: no regression test in either run");
+    }
+    if !stock.done {
+        println!("bench: the stock run did not finish its plan");
+    }
+    let ok = patched.ok && stock.done && wrong == 0 && !rows.is_empty();
+    println!("bench: patched run {}, regression {fixed} fixed, {wrong} wrong, {skipped} skipped", if patched.ok { "PASS" } else { "FAIL" });
+    println!("bench: {}", if ok { "PASS" } else { "FAIL" });
+    println!(
+        "{} passed, {} failed, {} skipped",
+        patched.gated.passed + fixed,
+        patched.gated.failed + wrong + usize::from(!stock.done || rows.is_empty()),
+        patched.gated.skipped + skipped
+    );
+    Ok(ok)
+}
+
+/// Judges a results directory and writes its per-suite files and summary.
+fn judge_dir(dir: &Path) -> Result<Summary, String> {
+    let (stream, summary) = load(dir)?;
     let write = |name: &str, text: &str| fs::write(dir.join(name), text).map_err(|e| format!("{name}: {e}"));
     let mut dmesg_all = String::new();
     for s in &stream.suites {
@@ -300,6 +350,7 @@ fn main() -> ExitCode {
         },
         Some("judge") if args.len() == 2 => judge_dir(Path::new(&args[1])).map(|s| s.ok),
         Some("report") if args.len() == 2 => report_dir(Path::new(&args[1])).map(|()| true),
+        Some("regress") if args.len() == 3 => regress_dirs(Path::new(&args[1]), Path::new(&args[2])),
         _ => return usage(),
     };
     match result {

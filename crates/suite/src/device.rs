@@ -32,6 +32,7 @@ pub const CASES: &[Case] = &[
     case("concurrent_migrate_fault_fork", 180, concurrent),
     case("capacity_enomem", 300, capacity_enomem),
     case("fail_alloc_every_path", 120, fail_alloc_every_path),
+    case("fail_alloc_mid_window", 180, fail_alloc_mid_window),
     case("kill_mid_migration", 180, kill_mid_migration),
     case("last_close_with_pages", 60, last_close_with_pages),
     case("release_with_pages", 60, release_with_pages),
@@ -753,6 +754,82 @@ fn fail_alloc_every_path(ctx: &Ctx) -> R {
     verify(huge2.bytes(), 10, "device THP back after a failed allocation")?;
     drop(huge2);
     settled(ctx.variant(), 0).map(|_| ())
+}
+
+/// Returns the pages of `map` whose page table entry is neither present nor empty: with no
+/// swap in the guest, a migration entry that outlived its migration.
+fn stale_entries(map: &Map) -> R<Vec<usize>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap")?;
+    let mut buf = vec![0u8; map.npages() * 8];
+    f.read_exact_at(&mut buf, (map.addr / PAGE * 8) as u64)?;
+    Ok(buf
+        .chunks_exact(8)
+        .enumerate()
+        .filter(|(_, c)| {
+            let e = u64::from_le_bytes((*c).try_into().unwrap_or_default());
+            e & (1 << 63) == 0 && e & (1 << 62) != 0
+        })
+        .map(|(i, _)| i)
+        .collect())
+}
+
+/// A failed allocation in the middle of a MIGRATE_TO_SYS window, after the window's first
+/// pages got their destinations: the driver gives up the window. Every source must be left
+/// mapped where it was; a migration that is finalised without having moved anything left
+/// migration entries behind whose page was unlocked, and every later access to them (the
+/// CPU's, `hmm_range_fault()`'s) waited for ever (found by the fuzzer). Another thread sets
+/// the one-shot failure flag while this one migrates, so the failure lands anywhere in a window.
+fn fail_alloc_mid_window(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(64 * PAGE)?;
+    let seed = seed(ctx, "mid-window");
+    fill(map.bytes(), seed);
+    let stop = AtomicBool::new(false);
+    let started = std::time::Instant::now();
+    let (mut rounds, mut failed) = (0u32, 0u32);
+    let result = std::thread::scope(|s| -> R {
+        let flagger = s.spawn(|| {
+            let mut rng = Rng::new(seed);
+            while !stop.load(Ordering::Relaxed) {
+                let _ = dev.fail_next_alloc();
+                // A window takes a few hundred microseconds.
+                std::thread::sleep(Duration::from_micros(rng.below(600)));
+            }
+        });
+        let mut run = || -> R {
+            while rounds < 400 && started.elapsed() < Duration::from_secs(60) {
+                rounds += 1;
+                // To the device (a failed allocation leaves a page behind; fine).
+                let _ = dev.to_dev(map.addr, 64);
+                match dev.to_sys(map.addr, 64) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => failed += 1,
+                    Err(e) => return Err(Fail::Fail(format!("MIGRATE_TO_SYS: {e}"))),
+                }
+                let stale = stale_entries(&map)?;
+                ensure!(
+                    stale.is_empty(),
+                    "round {rounds}: migration entries left behind at pages {stale:?} after a \
+                     MIGRATE_TO_SYS that failed {failed} time(s)"
+                );
+            }
+            Ok(())
+        };
+        let r = run();
+        stop.store(true, Ordering::Relaxed);
+        let _ = flagger.join();
+        r
+    });
+    diag!("{rounds} rounds, {failed} MIGRATE_TO_SYS failed with ENOMEM");
+    result?;
+    ensure!(failed > 0, "no MIGRATE_TO_SYS failed: the flag never landed");
+    // A flag still set fails one more window at most; then everything comes back, intact.
+    if dev.to_sys(map.addr, 64).is_err() {
+        dev.to_sys(map.addr, 64)?;
+    }
+    settled(ctx.variant(), 0)?;
+    verify(map.bytes(), seed, "after the failed windows")
 }
 
 fn kill_mid_migration(ctx: &Ctx) -> R {

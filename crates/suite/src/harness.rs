@@ -180,9 +180,10 @@ fn plan(cases: &[Case]) -> Vec<Planned<'_>> {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: dmirror-suite [-l] [-t NAME]... [--seed N] [--cycles N] [--module KO] [--arg ARG]...\n\
+        "usage: dmirror-suite [-l] [--regress] [-t NAME]... [--seed N] [--cycles N] [--module KO] [--arg ARG]...\n\
          \n\
          -l          list the cases\n\
+         --regress   run the regression cases of the kernel fixes instead\n\
          -t NAME     run only cases whose name contains NAME (repeatable)\n\
          --seed N    seed of the random patterns (default: from the clock; printed)\n\
          --cycles N  load, use, unload cycles of load_unload (default 50)\n\
@@ -192,8 +193,10 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
-/// Runs the suite; returns the exit status (0: every case passed or skipped).
-pub fn main(cases: &[Case]) -> i32 {
+/// Runs the suite, `cases` or with `--regress` the `regress` cases; returns the exit status
+/// (0: every case passed or skipped).
+pub fn main(cases: &[Case], regress: &[Case]) -> i32 {
+    let mut cases = cases;
     let mut list = false;
     let mut filters = Vec::new();
     let mut config = Config {
@@ -209,6 +212,7 @@ pub fn main(cases: &[Case]) -> i32 {
     while let Some(a) = args.next() {
         match a.as_str() {
             "-l" => list = true,
+            "--regress" => cases = regress,
             "-t" => filters.push(args.next().unwrap_or_else(|| usage())),
             "--seed" => {
                 config.seed = args

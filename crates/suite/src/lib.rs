@@ -8,3 +8,4 @@ pub mod harness;
 pub mod hmm;
 pub mod inspect;
 pub mod module;
+pub mod regress;

@@ -1,9 +1,9 @@
 //! dmirror-suite: the guest's zero-refcount test suite, kselftest style (KTAP on stdout).
 //!
 //! Run as root in the bench guest with dmirror.ko at hand:
-//! `dmirror-suite [-l] [-t NAME]... [--seed N] [--module KO] [--arg ARG]...`
+//! `dmirror-suite [-l] [--regress] [-t NAME]... [--seed N] [--module KO] [--arg ARG]...`
 
-use dmirror_suite::{badinput, dax, device, harness, module};
+use dmirror_suite::{badinput, dax, device, harness, module, regress};
 
 fn main() {
     let cases: Vec<_> = device::CASES
@@ -13,5 +13,5 @@ fn main() {
         .chain(dax::CASES)
         .copied()
         .collect();
-    std::process::exit(harness::main(&cases))
+    std::process::exit(harness::main(&cases, regress::CASES))
 }
