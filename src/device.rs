@@ -216,7 +216,9 @@ pub(crate) fn to_system(
     mig: &mut MigrateVma<'_>,
     owner: &PagemapOwner<Chunk>,
     mut fail_next: impl FnMut() -> bool,
-) -> Result {
+) -> Result<usize> {
+    // Pages given a destination, returned.
+    let mut given = 0;
     // Destinations of large sources are filled while the source is borrowed from `mig`,
     // handed over after.
     let mut dsts = KVec::new();
@@ -250,6 +252,7 @@ pub(crate) fn to_system(
                 if let Some(mut dst) = pool.pop() {
                     chunk.copy_page_to(index, folio, page, &mut dst);
                     mig.set_dst(i, dst)?;
+                    given += 1;
                     i += 1;
                     continue;
                 }
@@ -279,9 +282,10 @@ pub(crate) fn to_system(
         for (j, dst) in dsts.drain_all() {
             mig.set_dst(j, dst)?;
         }
+        given += span;
         i += span;
     }
-    Ok(())
+    Ok(given)
 }
 
 impl DevicePagemapOps for Chunk {
@@ -443,6 +447,10 @@ pub(crate) struct Device {
     opens: AtomicUsize,
     /// Evictions of the device memory that found chunks to evict.
     evictions: AtomicUsize,
+    /// Device pages that a migration to system memory collected and copied, and that the core
+    /// then did not move (something else held a reference: the core should have left them
+    /// out when it collected them).
+    pub(crate) refused: AtomicUsize,
 }
 
 impl Device {
@@ -483,6 +491,7 @@ impl Device {
                 max_chunks,
                 opens: AtomicUsize::new(0),
                 evictions: AtomicUsize::new(0),
+                refused: AtomicUsize::new(0),
             }),
             GFP_KERNEL,
         )
@@ -579,7 +588,8 @@ impl Device {
         writeln!(f, "splits {splits}")?;
         writeln!(f, "free_bad_refcount {}", t.free_bad_refcount)?;
         writeln!(f, "bad_pgmap {}", t.bad_pgmap)?;
-        writeln!(f, "evictions {}", self.evictions.load(Ordering::Relaxed))
+        writeln!(f, "evictions {}", self.evictions.load(Ordering::Relaxed))?;
+        writeln!(f, "refused {}", self.refused.load(Ordering::Relaxed))
     }
 
     /// Checks the zero-based contract on every chunk (the `check` file): every free page has

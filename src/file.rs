@@ -904,13 +904,17 @@ impl DmirrorFile {
                 self.device.select() | Select::COMPOUND,
                 None,
             )?;
-            to_system(&mut mig, &self.device.owner, || self.take_fail_alloc())?;
+            let given = to_system(&mut mig, &self.device.owner, || self.take_fail_alloc())?;
             let mig = mig.pages();
             // And what faults put there meanwhile.
             self.mirror
                 .lock()
                 .remove(start / PAGE_SIZE, next / PAGE_SIZE, |_| true);
-            migrated += (0..mig.npages()).filter(|&i| mig.migrated(i)).count() as u64;
+            let moved = (0..mig.npages()).filter(|&i| mig.migrated(i)).count();
+            self.device
+                .refused
+                .fetch_add(given.saturating_sub(moved), Ordering::Relaxed);
+            migrated += moved as u64;
             Ok(())
         })?;
         cmd.cpages = migrated;

@@ -2,11 +2,11 @@
 //! ZONE_DEVICE pages of other drivers, their references seen through dmirror's pfn probe.
 
 use crate::harness::{Case, Ctx, Fail, Fixture, R};
-use crate::hmm::{fill, verify, Map, PAGE, THP};
+use crate::hmm::{fill, verify, Map, Pipe, PAGE, THP};
 use crate::inspect::{pfn_of, probe, Probe};
 use crate::{diag, ensure, ensure_eq};
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +27,12 @@ pub const CASES: &[Case] = &[
         fixture: Fixture::DevDax,
         timeout: 180,
         run: devdax_mmap_pin_unmap,
+    },
+    Case {
+        name: "unbind_waits_for_reference",
+        fixture: Fixture::DevDax,
+        timeout: 180,
+        run: devdax_unbind_waits_for_reference,
     },
 ];
 
@@ -133,7 +139,7 @@ impl Drop for DaxFile {
 }
 
 /// Maps `len` bytes of `file` at offset 0, 2 MiB aligned so that PMD mappings are possible.
-fn map_shared(file: &impl AsRawFd, len: usize, flags: i32) -> R<Map> {
+pub(crate) fn map_shared(file: &impl AsRawFd, len: usize, flags: i32) -> R<Map> {
     let hole = Map::anon(len + THP)?;
     let addr = hole.addr.next_multiple_of(THP);
     // SAFETY: Maps the file over part of our own placeholder mapping.
@@ -165,13 +171,13 @@ fn map_shared(file: &impl AsRawFd, len: usize, flags: i32) -> R<Map> {
 }
 
 /// The page frame at `addr` and what the probe says of it (it must be device memory).
-fn probe_at(addr: usize) -> R<(u64, Probe)> {
+pub(crate) fn probe_at(addr: usize) -> R<(u64, Probe)> {
     let pfn = pfn_of(addr)?.ok_or_else(|| Fail::Fail(format!("nothing mapped at {addr:#x}")))?;
     let p = probe(pfn)?.ok_or_else(|| Fail::Fail(format!("pfn {pfn:#x} is not device memory")))?;
     Ok((pfn, p))
 }
 
-fn probe_pfn(pfn: u64) -> R<Probe> {
+pub(crate) fn probe_pfn(pfn: u64) -> R<Probe> {
     probe(pfn)?.ok_or_else(|| Fail::Fail(format!("pfn {pfn:#x} is not device memory")))
 }
 
@@ -246,18 +252,8 @@ fn waits_for_reference(name: &str, op: fn(&std::fs::File) -> std::io::Result<()>
     let mut f = DaxFile::new(name, 1 << 20)?;
     fill(f.map().bytes(), 4);
     let (pfn, mapped) = probe_at(f.map().addr)?;
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for two descriptors.
-    ensure!(unsafe { libc::pipe(fds.as_mut_ptr()) } == 0, "pipe: {}", errno());
-    // SAFETY: Both descriptors were just created and are owned here.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let iov = libc::iovec {
-        iov_base: f.map().addr as *mut _,
-        iov_len: PAGE,
-    };
-    // SAFETY: `iov` names one page of our mapping; vmsplice takes a reference to the page.
-    let n = unsafe { libc::vmsplice(wr.as_raw_fd(), &iov, 1, 0) };
-    ensure_eq!(n, PAGE as isize, "vmsplice of one DAX page");
+    let pipe = Pipe::new()?;
+    ensure_eq!(pipe.vmsplice(f.map().addr, PAGE)?, PAGE, "vmsplice of one DAX page");
     let held = probe_pfn(pfn)?;
     ensure!(
         held.page_refcount > mapped.page_refcount,
@@ -276,11 +272,8 @@ fn waits_for_reference(name: &str, op: fn(&std::fs::File) -> std::io::Result<()>
     std::thread::sleep(Duration::from_millis(1500));
     let waited = !done.load(Ordering::SeqCst);
     // Dropping the reference lets it finish.
-    let mut buf = vec![0u8; PAGE];
-    // SAFETY: Reads the spliced page out of the pipe.
-    let r = unsafe { libc::read(rd.as_raw_fd(), buf.as_mut_ptr().cast(), PAGE) };
-    ensure_eq!(r, PAGE as isize, "read from the pipe");
-    drop((rd, wr));
+    let buf = pipe.read(PAGE)?;
+    drop(pipe);
     let started = Instant::now();
     let res = t.join().map_err(|_| Fail::Fail("the thread panicked".into()))?;
     res.map_err(|e| Fail::Fail(format!("{name}: {e}")))?;
@@ -454,7 +447,7 @@ fn fsdax_odirect(ctx: &Ctx) -> R {
 }
 
 /// The namespace behind `/dev/pmem1`, or the device-DAX device made from it.
-fn pmem1_namespace() -> R<String> {
+pub(crate) fn pmem1_namespace() -> R<String> {
     for e in std::fs::read_dir("/sys/bus/nd/devices")? {
         let name = e?.file_name().to_string_lossy().into_owned();
         if !name.starts_with("namespace") {
@@ -469,7 +462,7 @@ fn pmem1_namespace() -> R<String> {
     Err(skip("no nvdimm namespace at 0x58000000 (memmap=128M!1408M)"))
 }
 
-fn ndctl(args: &[&str]) -> R<String> {
+pub(crate) fn ndctl(args: &[&str]) -> R<String> {
     let out = Command::new("ndctl")
         .args(args)
         .output()
@@ -483,7 +476,9 @@ fn ndctl(args: &[&str]) -> R<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn devdax_mmap_pin_unmap(ctx: &Ctx) -> R {
+/// Makes `/dev/pmem1`'s namespace a device-DAX device, runs `f` with the path of its node,
+/// then makes the namespace raw again, whatever happened.
+pub(crate) fn with_devdax(f: impl FnOnce(&str) -> R) -> R {
     let ns = pmem1_namespace()?;
     ndctl(&["create-namespace", "-f", "-e", &ns, "-m", "devdax"])?;
     let result = (|| {
@@ -492,10 +487,22 @@ fn devdax_mmap_pin_unmap(ctx: &Ctx) -> R {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .find(|n| n.starts_with("dax"))
             .ok_or_else(|| Fail::Fail("no /dev/dax* after create-namespace -m devdax".into()))?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/dev/{dax}"))?;
+        f(&format!("/dev/{dax}"))
+    })();
+    // Back to a raw namespace, /dev/pmem1, whatever happened.
+    let back = ndctl(&["create-namespace", "-f", "-e", &pmem1_namespace()?, "-m", "raw"]);
+    result?;
+    back.map(|_| ())
+}
+
+/// Opens a device-DAX node read-write.
+pub(crate) fn open_rw(path: &str) -> R<std::fs::File> {
+    Ok(std::fs::OpenOptions::new().read(true).write(true).open(path)?)
+}
+
+fn devdax_mmap_pin_unmap(ctx: &Ctx) -> R {
+    with_devdax(|path| {
+        let file = open_rw(path)?;
         let seed = ctx.config.seed ^ 0xdd;
         // First mapping: find the page frame, then leave it idle.
         let m = map_shared(&file, THP, libc::MAP_SHARED)?;
@@ -527,9 +534,89 @@ fn devdax_mmap_pin_unmap(ctx: &Ctx) -> R {
         ensure_eq!(rest.folio_refcount, idle.folio_refcount, "refcount at rest after map, pin, unpin, unmap");
         ensure!(!rest.folio_mapped, "still mapped: {rest:?}");
         Ok(())
-    })();
-    // Back to a raw namespace, /dev/pmem1, whatever happened.
-    let back = ndctl(&["create-namespace", "-f", "-e", &pmem1_namespace()?, "-m", "raw"]);
-    result?;
-    back.map(|_| ())
+    })
+}
+
+/// Keeps `pipe` open for ever in a process of its own, so its page references are never
+/// dropped (on the stock kernel, dropping them after the device went touches freed memory).
+fn keep_for_ever(pipe: Pipe) {
+    // SAFETY: The child only sleeps; it touches no state shared with the parent's threads.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: Plain system calls in the child, which never returns.
+        unsafe {
+            libc::setsid();
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    // The child holds its own copies of both ends.
+    drop(pipe);
+}
+
+/// Unbinding a device-DAX device must wait for references to its pages, or the references
+/// outlive the memory: a page that a pipe references (vmsplice(), which takes page references
+/// like O_DIRECT does), unmapped by its process, then the namespace reconfigured. Stock 7.3
+/// tears the device down at once (a free-at-one page cannot tell the pgmap it is still
+/// referenced); the pipe is left holding a page whose memmap is gone.
+fn devdax_unbind_waits_for_reference(ctx: &Ctx) -> R {
+    let seed = ctx.config.seed ^ 0xdb;
+    let mut held = None;
+    let result = with_devdax(|path| {
+        let file = open_rw(path)?;
+        let m = map_shared(&file, THP, libc::MAP_SHARED)?;
+        fill(m.bytes(), seed);
+        let pipe = Pipe::new()?;
+        ensure_eq!(pipe.vmsplice(m.addr, PAGE)?, PAGE, "bytes spliced into the pipe");
+        drop(m);
+        drop(file);
+        let ns = pmem1_namespace()?;
+        let mut ndctl = Command::new("ndctl")
+            .args(["create-namespace", "-f", "-e", &ns, "-m", "raw"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let started = Instant::now();
+        let mut done_early = None;
+        // A reconfiguration takes a few seconds here; one that is still running after 20
+        // waits for something.
+        while started.elapsed() < Duration::from_secs(20) {
+            if let Some(st) = ndctl.try_wait()? {
+                done_early = Some(st);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if let Some(st) = done_early {
+            held = Some(pipe);
+            return Err(Fail::Fail(format!(
+                "the namespace was reconfigured ({st}) in {:.1} s while a pipe still \
+                 references one of its device-DAX pages",
+                started.elapsed().as_secs_f64()
+            )));
+        }
+        diag!("reconfiguration waits while the pipe holds the page");
+        // Dropping the reference lets the teardown finish; the pipe delivers the data.
+        let data = pipe.read(PAGE)?;
+        let mut ok = false;
+        while started.elapsed() < Duration::from_secs(60) {
+            if let Some(st) = ndctl.try_wait()? {
+                ensure!(st.success(), "ndctl create-namespace -m raw: {st}");
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ensure!(ok, "the reconfiguration did not finish after the reference was dropped");
+        diag!("reconfigured {:.1} s after the start", started.elapsed().as_secs_f64());
+        let mut want = vec![0u8; THP];
+        fill(&mut want, seed);
+        ensure!(data[..] == want[..PAGE], "the pipe delivered other data than the page held");
+        Ok(())
+    });
+    if let Some(pipe) = held {
+        keep_for_ever(pipe);
+    }
+    result
 }

@@ -1,8 +1,9 @@
 //! The ioctl ABI of `lib/test_hmm_uapi.h`, anonymous buffers, and data patterns.
 
+use crate::ensure;
 use crate::harness::{Fail, R};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 pub const PAGE: usize = 4096;
@@ -334,5 +335,53 @@ pub fn local_prot(coherent: bool) -> u8 {
         PROT_DEV_COHERENT_LOCAL
     } else {
         PROT_DEV_PRIVATE_LOCAL
+    }
+}
+
+/// A pipe, both ends closed on drop.
+pub struct Pipe {
+    rd: OwnedFd,
+    wr: OwnedFd,
+}
+
+impl Pipe {
+    pub fn new() -> R<Pipe> {
+        let mut fds = [0i32; 2];
+        // SAFETY: `fds` has room for the two descriptors `pipe2` writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: `pipe2` succeeded: both descriptors are open and owned by nobody else.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok(Pipe { rd, wr })
+    }
+
+    /// Splices the user pages at `addr` into the pipe: the pipe takes a reference on each
+    /// page (`get_user_pages`, no pin) and keeps it until the data is read.
+    pub fn vmsplice(&self, addr: usize, len: usize) -> R<usize> {
+        let iov = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        };
+        // SAFETY: `iov` describes mapped memory of this process; the kernel only reads it.
+        let n = unsafe { libc::vmsplice(self.wr.as_raw_fd(), &iov, 1, 0) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(n as usize)
+    }
+
+    pub fn read(&self, len: usize) -> R<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            // SAFETY: `buf[got..]` is writable memory of `len - got` bytes.
+            let n = unsafe {
+                libc::read(self.rd.as_raw_fd(), buf[got..].as_mut_ptr().cast(), len - got)
+            };
+            ensure!(n > 0, "pipe read: {}", std::io::Error::last_os_error());
+            got += n as usize;
+        }
+        Ok(buf)
     }
 }
