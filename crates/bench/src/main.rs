@@ -236,6 +236,9 @@ fn load(dir: &Path) -> Result<(stream::Stream, Summary), String> {
 /// Puts the regression suite of a stock run beside a patched run's; prints the table and the
 /// patched run's gated totals with one test per regression row; writes `regress.md`.
 fn regress_dirs(patched_dir: &Path, stock_dir: &Path) -> Result<bool, String> {
+    // The runs' own directories, not the `latest-*` links, in the report.
+    let patched_dir = &fs::canonicalize(patched_dir).map_err(|e| format!("{}: {e}", patched_dir.display()))?;
+    let stock_dir = &fs::canonicalize(stock_dir).map_err(|e| format!("{}: {e}", stock_dir.display()))?;
     let (_, patched) = load(patched_dir)?;
     let (_, stock) = load(stock_dir)?;
     let rows = regress::compare(&patched, &stock);
