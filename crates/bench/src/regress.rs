@@ -43,15 +43,12 @@ fn outcomes(s: &Summary) -> Vec<(String, Outcome)> {
 pub fn compare(patched: &Summary, stock: &Summary) -> Vec<Row> {
     let p = outcomes(patched);
     let s = outcomes(stock);
-    let mut names: Vec<String> = p.iter().chain(s.iter()).map(|(n, _)| n.clone()).collect();
-    names.dedup();
-    let mut seen = Vec::new();
-    let mut rows = Vec::new();
-    for name in names {
-        if seen.contains(&name) {
+    let mut rows: Vec<Row> = Vec::new();
+    for (name, _) in p.iter().chain(s.iter()) {
+        if rows.iter().any(|r| r.name == *name) {
             continue;
         }
-        let find = |v: &[(String, Outcome)]| v.iter().find(|(n, _)| *n == name).map(|(_, o)| *o);
+        let find = |v: &[(String, Outcome)]| v.iter().find(|(n, _)| n == name).map(|(_, o)| *o);
         let (stock, patched) = (find(&s), find(&p));
         let verdict = match (stock, patched) {
             (Some(Outcome::Skip), _) | (_, Some(Outcome::Skip)) => Verdict::Skip,
@@ -59,7 +56,6 @@ pub fn compare(patched: &Summary, stock: &Summary) -> Vec<Row> {
             _ => Verdict::Wrong,
         };
         rows.push(Row { name: name.clone(), stock, patched, verdict });
-        seen.push(name);
     }
     rows
 }

@@ -130,8 +130,8 @@ fn sys(r: i32, what: &str) {
 
 /// Maps `len` bytes at `addr` (which the arena reserved) with `prot` and `flags`.
 fn map_fixed(addr: u64, len: u64, prot: i32, flags: i32, fd: i32) {
-    // SAFETY: `[addr, addr + len)` is part of the arena's own reservation (or of a hole in it),
-    // which nothing else uses; MAP_FIXED replaces it.
+    // MAP_FIXED replaces what is mapped there.
+    // SAFETY: `[addr, addr + len)` is the arena's own reservation (or a hole in it): unused.
     let p = unsafe {
         libc::mmap(
             addr as *mut _,

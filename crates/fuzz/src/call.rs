@@ -569,8 +569,8 @@ impl Caller<'_> {
         // SNAPSHOT into the thread's own buffer: poison it first, to see every byte written.
         let c = &call.cmd;
         if known(call.req) == Some(SNAPSHOT) && self.owns(c.ptr, c.npages) {
-            // SAFETY: `[ptr, ptr + npages)` is inside this thread's scratch buffer, which is
-            // mapped read-write and which no other thread writes.
+            // The buffer is mapped read-write and no other thread writes it.
+            // SAFETY: `[ptr, ptr + npages)` is inside this thread's scratch buffer.
             unsafe { std::ptr::write_bytes(c.ptr as *mut u8, POISON, c.npages as usize) };
         }
         let slot = &self.shared.slots[self.slot];
@@ -584,11 +584,12 @@ impl Caller<'_> {
             std::process::id(),
         );
         let started = now_ns();
-        // SAFETY: The driver reads and writes the 40 bytes at `arg`, which are either the
-        // block above or an address it must refuse (`EFAULT`); and the user memory the fields
-        // name, which the arena limits to memory whose contents the fuzzer gives away (the
-        // scratch buffers, the free regions) or keeps (a WRITE into a checked region copies
-        // its own data back), each region ending at a hole that stops every command.
+        // The driver reads and writes the 40 bytes at `arg`, which are either the block above
+        // or an address it must refuse (`EFAULT`); and the user memory the fields name, which
+        // the arena limits to memory whose contents the fuzzer gives away (the scratch
+        // buffers, the free regions) or keeps (a WRITE into a checked region copies its own
+        // data back), each region ending at a hole that stops every command.
+        // SAFETY: So the call touches no memory this process relies on.
         let r = unsafe { libc::ioctl(fd, call.req as libc::c_ulong, arg as *mut libc::c_void) };
         let errno = if r < 0 {
             std::io::Error::last_os_error().raw_os_error().unwrap_or(0)

@@ -251,8 +251,8 @@ fn child(shared: &'static Shared, dev: usize, todo: &[(u64, From)]) -> ! {
             std::process::id(),
         );
         let started = now_ns();
-        // SAFETY: The driver reads and writes `c`, and memory of this process's own mappings
-        // (or refuses the addresses).
+        // The driver refuses addresses it cannot reach.
+        // SAFETY: It reads and writes `c` and memory of this process's own mappings.
         let r = unsafe { libc::ioctl(f.as_raw_fd(), req as libc::c_ulong, &mut c) };
         let errno = if r < 0 {
             std::io::Error::last_os_error().raw_os_error().unwrap_or(0)

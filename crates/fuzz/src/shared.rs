@@ -159,9 +159,9 @@ impl Shared {
             )
         };
         assert!(p != libc::MAP_FAILED, "cannot map the shared state");
-        // SAFETY: The mapping is `len` bytes, page-aligned and zero-filled; `Shared` is made
-        // of atomics only, for which all-zero bytes are a valid value. It is never unmapped,
-        // so the reference lives as long as the process (and its children).
+        // The mapping is `len` bytes, page-aligned and zero-filled, and never unmapped, so the
+        // reference lives as long as the process (and its children).
+        // SAFETY: `Shared` is atomics only, for which all-zero bytes are a valid value.
         unsafe { &*p.cast::<Shared>() }
     }
 

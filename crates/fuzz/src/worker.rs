@@ -253,8 +253,8 @@ impl Worker<'_> {
     /// mirror this process's address space) and on one of its own, then exits; waits for it.
     fn fork_child(&self, parent: &mut Caller<'_>) {
         let seed = parent.rng.next();
-        // SAFETY: The child only makes system calls, uses its copy of the memory and exits
-        // with `_exit`; it takes none of the locks other threads may hold.
+        // The child only makes system calls, uses its copy of the memory and exits with `_exit`.
+        // SAFETY: So it takes none of the locks other threads may hold.
         let pid = unsafe { libc::fork() };
         if pid == 0 {
             let mut c = self.caller(
@@ -315,8 +315,8 @@ impl Worker<'_> {
             return;
         };
         if rng.below(10) < 7 {
-            // SAFETY: Replaces our own descriptor with another of ours, atomically; then
-            // closes the spare one.
+            // Then closes the spare one.
+            // SAFETY: Replaces our own descriptor with another of ours, atomically.
             unsafe {
                 libc::dup2(new, s.fd.load(Ordering::Relaxed));
                 libc::close(new);
@@ -341,8 +341,8 @@ impl Worker<'_> {
         };
         let (p, len) = (r.start as *mut libc::c_void, r.len as usize);
         let prot_rw = libc::PROT_READ | libc::PROT_WRITE;
-        // SAFETY: Every change is to the churn region, which only this function touches
-        // through the CPU (under the lock), and which the calls may find in any state.
+        // The calls may find the region in any state.
+        // SAFETY: Every change is to the churn region, which only this function touches.
         unsafe {
             match rng.below(5) {
                 0 => {

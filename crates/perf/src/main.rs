@@ -148,8 +148,8 @@ fn load(path: &str) -> Res<u64> {
     let f = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
     let params = CString::default();
     let t = Instant::now();
-    // SAFETY: `f` is an open module file and `params` a NUL-terminated string; both outlive
-    // the call.
+    // Both outlive the call.
+    // SAFETY: `f` is an open module file and `params` a NUL-terminated string.
     let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
     let ns = t.elapsed().as_nanos() as u64;
     if r != 0 {
@@ -220,8 +220,8 @@ impl Buffers {
 /// Gives `[addr, addr + len)` fresh pages of its kind (THP where advised) and writes a marker
 /// word to each page: `stamp + page index`.
 fn populate(m: &Map, len: usize, stamp: u64) -> Res {
-    // SAFETY: Drops the pages of our own mapping; they are in system memory (every workload
-    // ends with its buffer there).
+    // Every workload ends with its buffer in system memory.
+    // SAFETY: Drops the pages of our own mapping, which are in system memory.
     if unsafe { libc::madvise(m.addr as *mut _, len, libc::MADV_DONTNEED) } != 0 {
         return Err(os_err("madvise(MADV_DONTNEED)"));
     }

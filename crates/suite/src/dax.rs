@@ -578,17 +578,19 @@ fn devdax_unbind_waits_for_reference(ctx: &Ctx) -> R {
             .stderr(std::process::Stdio::null())
             .spawn()?;
         let started = Instant::now();
-        let mut done_early = None;
+        // Polls `ndctl` until it exits or `secs` have passed since the start.
+        let mut exited = |secs: u64| -> R<Option<std::process::ExitStatus>> {
+            while started.elapsed() < Duration::from_secs(secs) {
+                if let Some(st) = ndctl.try_wait()? {
+                    return Ok(Some(st));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(None)
+        };
         // A reconfiguration takes a few seconds here; one that is still running after 20
         // waits for something.
-        while started.elapsed() < Duration::from_secs(20) {
-            if let Some(st) = ndctl.try_wait()? {
-                done_early = Some(st);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if let Some(st) = done_early {
+        if let Some(st) = exited(20)? {
             held = Some(pipe);
             return Err(Fail::Fail(format!(
                 "the namespace was reconfigured ({st}) in {:.1} s while a pipe still \
@@ -599,21 +601,11 @@ fn devdax_unbind_waits_for_reference(ctx: &Ctx) -> R {
         diag!("reconfiguration waits while the pipe holds the page");
         // Dropping the reference lets the teardown finish; the pipe delivers the data.
         let data = pipe.read(PAGE)?;
-        let mut ok = false;
-        while started.elapsed() < Duration::from_secs(60) {
-            if let Some(st) = ndctl.try_wait()? {
-                ensure!(st.success(), "ndctl create-namespace -m raw: {st}");
-                ok = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        ensure!(ok, "the reconfiguration did not finish after the reference was dropped");
+        let st = exited(60)?
+            .ok_or_else(|| Fail::Fail("the reconfiguration did not finish after the reference was dropped".into()))?;
+        ensure!(st.success(), "ndctl create-namespace -m raw: {st}");
         diag!("reconfigured {:.1} s after the start", started.elapsed().as_secs_f64());
-        let mut want = vec![0u8; THP];
-        fill(&mut want, seed);
-        ensure!(data[..] == want[..PAGE], "the pipe delivered other data than the page held");
-        Ok(())
+        verify(&data, seed, "the data the pipe delivers")
     });
     if let Some(pipe) = held {
         keep_for_ever(pipe);
