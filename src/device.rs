@@ -9,11 +9,18 @@
 //! index while the page is allocated. A device-coherent device carves its chunks, in order, out
 //! of a firmware-reserved range of real memory; its pages hold their data themselves.
 //!
+//! The backing tables belong to the device, one per chunk slot, for its whole life: a chunk in
+//! slot `n` (the `n`-th chunk added since the last eviction) uses table `n`. Each allocation
+//! of a device-private folio gets a new generation of its table, so that a mirror entry can
+//! name a device page by slot, index and generation ([`DevicePage`]), without holding a
+//! reference, and still tell when the page was freed or allocated again.
+//!
 //! # Locking
 //!
 //! `Device::memory` (a mutex) is taken to find or add a chunk and never while a mirror lock is
-//! held. Each chunk's backing table is a spinlock, taken for single lookups and updates only
-//! (`folio_free` runs in atomic context). Eviction (RELEASE, last close, unload) takes the
+//! held. Each backing table is a spinlock, taken for lookups, updates and copies of a few pages
+//! at most (`folio_free` runs in atomic context); a page's backing is only dropped under it, so
+//! a folio found in the table stays alive while the lock is held. Eviction (RELEASE, last close, unload) takes the
 //! chunks out of the device under the mutex and drops them after releasing it, so it never
 //! waits under the mutex for a migration that needs it; a migration window waits for an
 //! eviction in progress before it allocates, holding no device page (see
@@ -52,17 +59,70 @@ pub(crate) const CHUNK_SIZE: usize = 2 * SECTION_SIZE;
 pub(crate) struct Backing {
     pub(crate) folio: ARef<Folio>,
     pub(crate) page: usize,
+    /// The generation of the allocation the page belongs to.
+    gen: u64,
 }
 
-/// The backing of every allocated device page of a chunk, by page index.
-pub(crate) type BackingTable = SpinLock<KVVec<Option<Backing>>>;
+/// The backing of every allocated device page of a chunk slot, by page index.
+pub(crate) struct Table {
+    pages: KVVec<Option<Backing>>,
+    /// The generation of the last allocation recorded.
+    gen: u64,
+}
+
+impl Table {
+    /// Returns the folio holding the data of `page` and the page's byte offset in it, if the
+    /// page is still allocated by the allocation that `page` names.
+    pub(crate) fn get(&self, page: &DevicePage) -> Option<(&Folio, usize)> {
+        self.pages
+            .get(page.index)?
+            .as_ref()
+            .filter(|b| b.gen == page.gen)
+            .map(|b| (&*b.folio, b.page * PAGE_SIZE))
+    }
+}
+
+/// A chunk slot's backing table.
+pub(crate) type BackingTable = SpinLock<Table>;
+
+/// A device-private page, named without a reference: the chunk slot of its table, its index
+/// there and the generation of its allocation. Its data is reachable through
+/// [`Device::table`] while that allocation lasts.
+#[derive(Clone, Copy)]
+pub(crate) struct DevicePage {
+    pub(crate) slot: usize,
+    pub(crate) index: usize,
+    gen: u64,
+}
+
+impl DevicePage {
+    /// The page `k` pages after this one, of the same allocation.
+    pub(crate) fn nth(self, k: usize) -> Self {
+        Self {
+            index: self.index + k,
+            ..self
+        }
+    }
+}
 
 /// Where the data of a new device folio goes.
 pub(crate) enum Storage<'a> {
-    /// Device-private memory: into its backing system folio, recorded in the chunk's table.
-    Backing(&'a mut LockedFolio, &'a Arc<BackingTable>),
+    /// Device-private memory: into its backing system folio, recorded in the chunk's table
+    /// for the device folio's first page, named here.
+    Backing(&'a mut LockedFolio, DevicePage),
     /// Device-coherent memory: into the device folio itself.
     Direct,
+}
+
+/// An empty backing table.
+fn new_table() -> impl PinInit<BackingTable> {
+    new_spinlock!(
+        Table {
+            pages: KVVec::new(),
+            gen: 0,
+        },
+        "dmirror::Device::tables"
+    )
 }
 
 /// Allocates a locked system folio for a migration to system memory, which user space will
@@ -88,11 +148,11 @@ fn alloc_backing(order: u32) -> Result<LockedFolio> {
     LockedFolio::alloc(flags, order)
 }
 
-/// The data of one chunk: its backing table, shared with mirror entries of its pages so that
-/// they can tell when a page went away.
+/// The data of one chunk: its slot and that slot's backing table.
 #[pin_data]
 pub(crate) struct Chunk {
-    /// Empty for coherent memory.
+    slot: usize,
+    /// The device's table of the slot; empty for coherent memory.
     backing: Arc<BackingTable>,
     coherent: bool,
     owner: Arc<PagemapOwner<Chunk>>,
@@ -101,19 +161,29 @@ pub(crate) struct Chunk {
 }
 
 impl Chunk {
-    fn new(
-        owner: &Arc<PagemapOwner<Chunk>>,
-        size: usize,
-        coherent: bool,
-    ) -> Result<impl PinInit<Self, Error>> {
-        let owner = owner.clone();
-        let npages = if coherent { 0 } else { size / PAGE_SIZE };
-        let mut table = KVVec::with_capacity(npages, GFP_KERNEL)?;
-        for _ in 0..npages {
-            table.push(None, GFP_KERNEL)?;
-        }
-        let backing = Arc::pin_init(new_spinlock!(table, "dmirror::Chunk::backing"), GFP_KERNEL)?;
+    /// The data of the chunk in `slot` of `device`; sizes the slot's table on its first use.
+    fn new(device: &Device, slot: usize) -> Result<impl PinInit<Self, Error>> {
+        let owner = device.owner.clone();
+        let coherent = device.is_coherent();
+        let backing = match device.tables.get(slot) {
+            Some(table) => {
+                let npages = device.chunk_size / PAGE_SIZE;
+                if table.lock().pages.len() < npages {
+                    let mut pages = KVVec::with_capacity(npages, GFP_KERNEL)?;
+                    for _ in 0..npages {
+                        pages.push(None, GFP_KERNEL)?;
+                    }
+                    // The old (shorter, unused) one is dropped after the lock.
+                    let old = core::mem::replace(&mut table.lock().pages, pages);
+                    drop(old);
+                }
+                table.clone()
+            }
+            None if coherent => Arc::pin_init(new_table(), GFP_KERNEL)?,
+            None => return Err(EINVAL),
+        };
         Ok(try_pin_init!(Self {
+            slot,
             backing,
             coherent,
             owner,
@@ -123,28 +193,40 @@ impl Chunk {
 
     /// Returns the backing of the device page at `index`, if it is allocated.
     pub(crate) fn backing(&self, index: usize) -> Option<Backing> {
-        self.backing.lock().get(index).cloned().flatten()
+        self.backing.lock().pages.get(index).cloned().flatten()
     }
 
-    /// Returns the chunk's backing table.
-    pub(crate) fn table(&self) -> &Arc<BackingTable> {
-        &self.backing
+    /// Names the device page at `index` for a mirror entry, if it is allocated.
+    pub(crate) fn device_page(&self, index: usize) -> Option<DevicePage> {
+        let gen = self.backing.lock().pages.get(index)?.as_ref()?.gen;
+        Some(DevicePage {
+            slot: self.slot,
+            index,
+            gen,
+        })
     }
 
-    /// Records `folio` as the backing of the device pages from `index` on, one page each.
-    fn set_backing(&self, index: usize, folio: &Folio) {
+    /// Records `folio` as the backing of the device pages from `index` on, one page each, as
+    /// a new allocation; returns the first page's name.
+    fn set_backing(&self, index: usize, folio: &Folio) -> DevicePage {
+        let mut table = self.backing.lock();
+        table.gen += 1;
+        let gen = table.gen;
         for page in 0..folio.nr_pages() {
             let new = Backing {
                 folio: ARef::from(folio),
                 page,
+                gen,
             };
-            let old = self
-                .backing
-                .lock()
-                .get_mut(index + page)
-                .map(|slot| slot.replace(new));
-            // Dropped outside the lock.
-            drop(old);
+            if let Some(slot) = table.pages.get_mut(index + page) {
+                // The page was free, so its slot was empty: nothing is dropped under the lock.
+                *slot = Some(new);
+            }
+        }
+        DevicePage {
+            slot: self.slot,
+            index,
+            gen,
         }
     }
 
@@ -158,6 +240,7 @@ impl Chunk {
         } else {
             self.backing
                 .lock()
+                .pages
                 .get(index)
                 .and_then(Option::as_ref)
                 .map_or(Err(ENOENT), |b| dst.copy_page_from(0, &b.folio, b.page))
@@ -290,15 +373,22 @@ pub(crate) fn to_system(
 
 impl DevicePagemapOps for Chunk {
     fn folio_free(&self, folio: FreedFolio) {
-        for k in 0..folio.nr_pages() {
-            // Taken out under the lock, dropped after it.
-            let old = self
-                .backing
-                .lock()
-                .get_mut(folio.index() + k)
-                .and_then(Option::take);
-            drop(old);
+        // One lock for all the pages. The backing of a large folio is one folio with a
+        // reference per page: all but the last are dropped under the lock (`folio_put()` may
+        // run in atomic context, and none of them is the last reference), the last after it.
+        let mut last = None;
+        {
+            let mut table = self.backing.lock();
+            let first = folio.index();
+            if let Some(pages) = table.pages.get_mut(first..first + folio.nr_pages()) {
+                for slot in pages {
+                    if let Some(old) = slot.take() {
+                        drop(last.replace(old));
+                    }
+                }
+            }
         }
+        drop(last);
     }
 
     fn migrate_to_ram(&self, fault: &DeviceFault<'_>) -> VmFaultCode {
@@ -394,7 +484,7 @@ impl Allocator<'_> {
             pr_debug!("hmm_dmirror{}: device memory cap reached\n", this.id);
             return Err(ENOMEM);
         }
-        let data = Chunk::new(&this.owner, this.chunk_size, this.is_coherent())?;
+        let data = Chunk::new(this, chunks.len())?;
         let chunk = match this.coherent {
             None => DevPagemap::new_private(data, &this.owner, CHUNK_SIZE, c"hmm_dmirror"),
             Some((base, _)) => DevPagemap::new_coherent(
@@ -436,6 +526,8 @@ pub(crate) struct Device {
     chunk_size: usize,
     /// The `pgmap->owner` of all its chunks.
     pub(crate) owner: Arc<PagemapOwner<Chunk>>,
+    /// The backing table of each chunk slot, `max_chunks` of them for device-private memory.
+    tables: KVec<Arc<BackingTable>>,
     /// The chunks of device memory.
     #[pin]
     memory: Mutex<Memory>,
@@ -474,12 +566,19 @@ impl Device {
         max_chunks: usize,
     ) -> Result<Arc<Self>> {
         let owner = PagemapOwner::new()?;
+        let mut tables = KVec::new();
+        if coherent.is_none() {
+            for _ in 0..max_chunks {
+                tables.push(Arc::pin_init(new_table(), GFP_KERNEL)?, GFP_KERNEL)?;
+            }
+        }
         Arc::pin_init(
             try_pin_init!(Self {
                 id,
                 coherent,
                 chunk_size,
                 owner,
+                tables,
                 memory <- new_mutex!(
                     Memory {
                         chunks: KVec::new(),
@@ -495,6 +594,17 @@ impl Device {
             }),
             GFP_KERNEL,
         )
+    }
+
+    /// Returns the backing table of chunk slot `slot` (device-private memory).
+    pub(crate) fn table(&self, slot: usize) -> Option<&BackingTable> {
+        self.tables.get(slot).map(|t| &**t)
+    }
+
+    /// Returns whether `page` is still allocated by the allocation it names.
+    pub(crate) fn is_live(&self, page: &DevicePage) -> bool {
+        self.table(page.slot)
+            .is_some_and(|t| t.lock().get(page).is_some())
     }
 
     /// Returns whether the device's memory is device-coherent.
@@ -540,9 +650,8 @@ impl Device {
         let chunk = folio.pagemap().data();
         match backing {
             Some(backing) => {
-                chunk.set_backing(folio.index(), backing.folio());
-                let table = chunk.table().clone();
-                f(folio, Storage::Backing(backing, &table))
+                let page = chunk.set_backing(folio.index(), backing.folio());
+                f(folio, Storage::Backing(backing, page))
             }
             None => f(folio, Storage::Direct),
         }

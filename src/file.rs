@@ -5,10 +5,12 @@
 //!
 //! # The mirror
 //!
-//! The mirror maps page indices of the opener's address space to the system folio that holds
-//! the page's data: the page itself for system memory, the backing folio for a page in this
-//! device's memory. Entries hold a folio reference and whether the CPU mapping was writable.
-//! They are added only under [`MmuIntervalNotifier::lock_if_valid`] after an HMM fault, or right
+//! The mirror maps page indices of the opener's address space to where the page's data is: the
+//! page itself, with a reference, for system memory and coherent device memory; for a page in
+//! this device's private memory, the page's name in its device's backing tables, without a
+//! reference (see [`DevicePage`]): its data is reached there, under the table's lock, and only
+//! while the page is still the same allocation. Entries also say whether the CPU mapping was
+//! writable. They are added only under [`MmuIntervalNotifier::lock_if_valid`] after an HMM fault, or right
 //! after a migration this file made, and are removed by every invalidation of their range, so
 //! a device access never reaches a page that is no longer mapped there.
 //!
@@ -20,7 +22,7 @@
 //! takes this mutex.
 
 use crate::{
-    device::{to_system, Backing, BackingTable, Chunk, Device, Storage},
+    device::{to_system, Chunk, Device, DevicePage, Storage, Table},
     uapi::{self, prot, Cmd},
 };
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -80,67 +82,58 @@ const MIGRATE_WINDOW_SIZE: usize = COMPOUND_PAGES * PAGE_SIZE;
 
 /// One mirrored page.
 struct Entry {
-    /// The system folio holding the page's data.
-    folio: ARef<Folio>,
-    /// The byte offset of the page in `folio` (a large folio maps many addresses).
-    offset: usize,
+    /// Where the page's data is.
+    data: Data,
     /// Whether the CPU mapping was writable.
     write: bool,
     /// Whether the page is mapped device-exclusive (atomic) for this device.
     atomic: bool,
-    /// For a page in this device's memory: its chunk's backing table and index, to tell when
-    /// the page was migrated away (its backing is no longer `folio`).
-    device: Option<(Arc<BackingTable>, usize)>,
 }
 
-impl Entry {
-    /// Returns whether the entry still describes the page mapped at its address.
-    fn is_live(&self) -> bool {
-        match &self.device {
-            None => true,
-            Some((table, index)) => table
-                .lock()
-                .get(*index)
-                .and_then(|b| b.as_ref())
-                .is_some_and(|b| core::ptr::eq(&*b.folio, &*self.folio)),
-        }
+/// Where a mirrored page's data is.
+enum Data {
+    /// System memory or coherent device memory: the folio holding the page, and the page's
+    /// byte offset in it (a large folio maps many addresses).
+    Folio(ARef<Folio>, usize),
+    /// A page of this device's private memory: its data is in its backing, found in the
+    /// device's table while the page is the allocation named. Once the page is freed (it was
+    /// migrated away, or the memory evicted) the entry is stale and reads as not mirrored.
+    Device(DevicePage),
+}
+
+/// Finds the data of mirror entries, holding the lock of the backing table of the last
+/// device-private page found, so that its backing stays alive while it is used: a backing is
+/// only dropped under its table's lock.
+struct Tables<'a> {
+    device: &'a Device,
+    held: Option<(usize, SpinLockGuard<'a, Table>)>,
+}
+
+impl<'a> Tables<'a> {
+    fn new(device: &'a Device) -> Self {
+        Self { device, held: None }
     }
-}
 
-/// A chunk's backing table and its lock, held.
-type HeldTable<'a> = (
-    &'a Arc<BackingTable>,
-    SpinLockGuard<'a, KVVec<Option<Backing>>>,
-);
-
-/// Which entries of `leaf` are live ([`Entry::is_live`]), a bit per slot; each chunk's backing
-/// table is locked once for a run of entries of that chunk.
-fn live_mask(leaf: &[Option<Entry>; LEAF_PAGES]) -> u64 {
-    let mut mask = 0;
-    let mut held: Option<HeldTable<'_>> = None;
-    for (k, entry) in leaf.iter().enumerate() {
-        let Some(entry) = entry else { continue };
-        let live = match &entry.device {
-            None => true,
-            Some((table, index)) => {
-                if !held.as_ref().is_some_and(|(t, _)| Arc::ptr_eq(t, table)) {
+    /// Returns the folio holding the data of `entry` and the page's byte offset in it; `None`
+    /// for a stale entry. Locks the page's table (if it is not the one held already).
+    fn find<'b>(&'b mut self, entry: &'b Entry) -> Option<(&'b Folio, usize)> {
+        match &entry.data {
+            Data::Folio(folio, offset) => Some((folio, *offset)),
+            Data::Device(page) => {
+                if self.held.as_ref().is_none_or(|(slot, _)| *slot != page.slot) {
                     // The guard of another table goes first: same lock class.
-                    drop(held.take());
-                    held = Some((table, table.lock()));
+                    self.held = None;
+                    self.held = Some((page.slot, self.device.table(page.slot)?.lock()));
                 }
-                held.as_ref().is_some_and(|(_, backing)| {
-                    backing
-                        .get(*index)
-                        .and_then(|b| b.as_ref())
-                        .is_some_and(|b| core::ptr::eq(&*b.folio, &*entry.folio))
-                })
+                self.held.as_ref()?.1.get(page)
             }
-        };
-        if live {
-            mask |= 1u64 << k;
         }
     }
-    mask
+
+    /// Releases the lock held, if any: called at least once a leaf.
+    fn release(&mut self) {
+        self.held = None;
+    }
 }
 
 /// Pages per leaf of the mirror: entries are allocated and looked up a leaf at a time.
@@ -267,15 +260,14 @@ impl MmuIntervalNotifierOps for Mirror {
     fn invalidate(state: &mut Self, range: &NotifierRange<'_>) {
         // This device's own migrations: those of the ioctls update the mirror themselves (see
         // `migrate_to_dev`, `migrate_to_sys`). A CPU fault brings device pages back: their
-        // entries would go stale and keep the pages' old storage alive until the next
-        // invalidation, so they go now. (A fault during an ioctl's window leaves them stale,
-        // which `Entry::is_live` detects.)
+        // entries would go stale and take room until the next invalidation, so they go now.
+        // (A fault during an ioctl's window leaves them stale, which their generation tells.)
         if range.event() == NotifierEvent::Migrate && range.owner() == state.owner.token() {
             if state.ioctl_migrations == 0 {
                 state.remove(
                     range.start() / PAGE_SIZE,
                     range.end().div_ceil(PAGE_SIZE),
-                    |e| e.device.is_some(),
+                    |e| matches!(e.data, Data::Device(_)),
                 );
             }
             return;
@@ -400,25 +392,17 @@ impl DmirrorFile {
     /// this device's pages.
     fn data_folio(&self, folio: ARef<Folio>, pfn: usize, write: bool) -> Option<Entry> {
         // System memory and coherent device memory hold their data themselves.
-        if !folio.is_zone_device() || folio.is_device_coherent() {
+        let data = if !folio.is_zone_device() || folio.is_device_coherent() {
             let offset = (pfn - folio.pfn()) * PAGE_SIZE;
-            return Some(Entry {
-                folio,
-                offset,
-                write,
-                atomic: false,
-                device: None,
-            });
-        }
-        let (chunk, index) = DevPagemap::<Chunk>::of_folio(&folio, &self.device.owner)?;
-        let index = index + (pfn - folio.pfn());
-        let backing = chunk.data().backing(index)?;
+            Data::Folio(folio, offset)
+        } else {
+            let (chunk, index) = DevPagemap::<Chunk>::of_folio(&folio, &self.device.owner)?;
+            Data::Device(chunk.data().device_page(index + (pfn - folio.pfn()))?)
+        };
         Some(Entry {
-            folio: backing.folio,
-            offset: backing.page * PAGE_SIZE,
+            data,
             write,
             atomic: false,
-            device: Some((chunk.data().table().clone(), index)),
         })
     }
 
@@ -509,43 +493,44 @@ impl DmirrorFile {
     /// `end - first` pages, stopping at the first page that is not mirrored. Returns the index
     /// of the page it stopped at (`end` when all were copied).
     fn copy_out(&self, addr: usize, first: usize, end: usize, buf: &mut [u8]) -> Result<usize> {
-        self.walk_out(addr, first, end, |i, entry| {
+        self.walk_out(addr, first, end, |i, folio, offset| {
             let at = (i - first) * PAGE_SIZE;
-            entry
-                .folio
-                .read(entry.offset, &mut buf[at..at + PAGE_SIZE])?;
+            folio.read(offset, &mut buf[at..at + PAGE_SIZE])?;
             Ok(true)
         })
     }
 
-    /// Calls `f(i, entry)` under the mirror lock for each live mirrored page `i` of
-    /// `[first, end)` of the range at `addr`, in order, until a page is not mirrored or `f`
-    /// returns false. Returns the index of the page it stopped at (`end` when it did not).
+    /// Calls `f(i, folio, offset)` under the mirror lock for each live mirrored page `i` of
+    /// `[first, end)` of the range at `addr`, in order, with the folio holding its data and its
+    /// byte offset there, until a page is not mirrored or `f` returns false. Returns the index
+    /// of the page it stopped at (`end` when it did not). `f` may run under a backing table's
+    /// spinlock: it must not sleep.
     fn walk_out(
         &self,
         addr: usize,
         first: usize,
         end: usize,
-        mut f: impl FnMut(usize, &Entry) -> Result<bool>,
+        mut f: impl FnMut(usize, &Folio, usize) -> Result<bool>,
     ) -> Result<usize> {
         let mirror = self.mirror.lock();
+        let mut tables = Tables::new(&self.device);
         let base = addr / PAGE_SIZE;
-        // The current leaf and which of its entries are live, checked a leaf at a time.
-        let mut leaf: Option<(usize, &[Option<Entry>; LEAF_PAGES], u64)> = None;
+        // The current leaf, looked up once.
+        let mut leaf: Option<(usize, &[Option<Entry>; LEAF_PAGES])> = None;
         for i in first..end {
             let page = base + i;
             let key = page / LEAF_PAGES;
-            if leaf.is_none_or(|(k, _, _)| k != key) {
-                leaf = mirror.leaf(key).map(|l| (key, l, live_mask(l)));
+            if leaf.is_none_or(|(k, _)| k != key) {
+                tables.release();
+                leaf = mirror.leaf(key).map(|l| (key, l));
             }
-            let slot = page % LEAF_PAGES;
-            let Some(entry) = leaf
-                .filter(|(_, _, live)| live & (1 << slot) != 0)
-                .and_then(|(_, l, _)| l[slot].as_ref())
+            let Some((folio, offset)) = leaf
+                .and_then(|(_, l)| l[page % LEAF_PAGES].as_ref())
+                .and_then(|entry| tables.find(entry))
             else {
                 return Ok(i);
             };
-            if !f(i, entry)? {
+            if !f(i, folio, offset)? {
                 return Ok(i);
             }
         }
@@ -572,10 +557,9 @@ impl DmirrorFile {
         while done < npages {
             let mut out = user_pages(ptr, done, npages).writer();
             let mut not_present = false;
-            done = self.walk_out(addr, done, npages, |_, entry| {
-                not_present = entry
-                    .folio
-                    .copy_to_user_nofault(entry.offset, PAGE_SIZE, &mut out)
+            done = self.walk_out(addr, done, npages, |_, folio, offset| {
+                not_present = folio
+                    .copy_to_user_nofault(offset, PAGE_SIZE, &mut out)
                     .is_err();
                 Ok(!not_present)
             })?;
@@ -645,6 +629,7 @@ impl DmirrorFile {
     /// `i` of `[first, end)` of the range at `addr`, in order, with its folio locked and the
     /// page's offset in it, until a page is not mirrored (or its folio is locked elsewhere) or
     /// `f` returns false. Returns the index of the page it stopped at (`end` when it did not).
+    /// `f` may run under a backing table's spinlock: it must not sleep.
     fn walk_in(
         &self,
         addr: usize,
@@ -653,18 +638,23 @@ impl DmirrorFile {
         mut f: impl FnMut(usize, &mut FolioGuard<'_>, usize) -> bool,
     ) -> usize {
         let mirror = self.mirror.lock();
+        let mut tables = Tables::new(&self.device);
         let base = addr / PAGE_SIZE;
         for i in first..end {
-            let Some(entry) = mirror
+            if (base + i) % LEAF_PAGES == 0 {
+                tables.release();
+            }
+            let Some((folio, offset)) = mirror
                 .get(base + i)
-                .filter(|e| e.write && !e.atomic && e.is_live())
+                .filter(|e| e.write && !e.atomic)
+                .and_then(|entry| tables.find(entry))
             else {
                 return i;
             };
-            let Some(mut guard) = entry.folio.try_lock() else {
+            let Some(mut guard) = folio.try_lock() else {
                 return i;
             };
-            if !f(i, &mut guard, entry.offset) {
+            if !f(i, &mut guard, offset) {
                 return i;
             }
         }
@@ -764,8 +754,9 @@ impl DmirrorFile {
             // stale ones. Pages already in this device's memory stay, and stay mirrored.
             self.mirror
                 .lock()
-                .remove(start / PAGE_SIZE, next / PAGE_SIZE, |e| {
-                    (e.device.is_none() && !e.folio.is_zone_device()) || !e.is_live()
+                .remove(start / PAGE_SIZE, next / PAGE_SIZE, |e| match &e.data {
+                    Data::Folio(folio, _) => !folio.is_zone_device(),
+                    Data::Device(page) => !self.device.is_live(page),
                 });
             let mut mig = MigrateVma::setup(
                 vma,
@@ -855,15 +846,13 @@ impl DmirrorFile {
     ) -> Result {
         let write = mig.src(i).is_write();
         match storage {
-            Storage::Backing(backing, table) => {
+            Storage::Backing(backing, page) => {
                 copy_source(mig, i, n, backing)?;
                 for k in 0..n {
                     let entry = Entry {
-                        folio: ARef::from(backing.folio()),
-                        offset: k * PAGE_SIZE,
+                        data: Data::Device(page.nth(k)),
                         write,
                         atomic: false,
-                        device: Some((table.clone(), folio.index() + k)),
                     };
                     mapped.push((i + k, entry), GFP_KERNEL)?;
                 }
@@ -872,11 +861,9 @@ impl DmirrorFile {
                 copy_source(mig, i, n, &mut folio)?;
                 for k in 0..n {
                     let entry = Entry {
-                        folio: ARef::from(&*folio),
-                        offset: k * PAGE_SIZE,
+                        data: Data::Folio(ARef::from(&*folio), k * PAGE_SIZE),
                         write,
                         atomic: false,
-                        device: None,
                     };
                     mapped.push((i + k, entry), GFP_KERNEL)?;
                 }
@@ -1010,11 +997,9 @@ impl DmirrorFile {
                 // Taking exclusive access invalidated the page with no owner, which removed its
                 // entry; the new one marks it exclusive.
                 let entry = Entry {
-                    folio,
-                    offset,
+                    data: Data::Folio(folio, offset),
                     write: true,
                     atomic: true,
-                    device: None,
                 };
                 self.mirror.lock().insert(page, entry, &mut room)?;
             }
