@@ -43,7 +43,7 @@ use kernel::{
     new_condvar, new_mutex, new_spinlock,
     page::PAGE_SIZE,
     prelude::*,
-    sync::{aref::ARef, Arc, CondVar, Mutex, MutexGuard, SpinLock},
+    sync::{aref::ARef, Arc, CondVar, Mutex, MutexGuard, SpinLock, SpinLockGuard},
 };
 
 /// Pages a CPU fault on a page table entry migrates back at most: the naturally aligned
@@ -235,16 +235,23 @@ impl Chunk {
     /// `page`: coherent memory is read there. Private memory is copied under the table's lock,
     /// which a 4 KiB copy holds briefly, rather than with a reference of its own.
     fn copy_page_to(&self, index: usize, src: &Folio, page: usize, dst: &mut LockedFolio) {
-        let copied = if self.coherent {
-            dst.copy_page_from(0, src, page)
-        } else {
-            self.backing
-                .lock()
-                .pages
-                .get(index)
-                .and_then(Option::as_ref)
-                .map_or(Err(ENOENT), |b| dst.copy_page_from(0, &b.folio, b.page))
-        };
+        if !self.coherent {
+            return Self::copy_backing_page(&self.backing.lock(), index, dst);
+        }
+        if dst.copy_page_from(0, src, page).is_err() {
+            // `dst` has a page 0, so this cannot fail.
+            let _ = dst.zero_page(0);
+        }
+    }
+
+    /// Copies the backing of the device-private page at `index` into the one-page folio
+    /// `dst`, under its table's lock (`table`); a page without backing reads as zeroes.
+    fn copy_backing_page(table: &Table, index: usize, dst: &mut LockedFolio) {
+        let copied = table
+            .pages
+            .get(index)
+            .and_then(Option::as_ref)
+            .map_or(Err(ENOENT), |b| dst.copy_page_from(0, &b.folio, b.page));
         if copied.is_err() {
             // `dst` has a page 0, so this cannot fail.
             let _ = dst.zero_page(0);
@@ -294,17 +301,20 @@ impl Chunk {
 /// holding its data: a folio of the source's order, or one page each when that allocation
 /// fails or `fail_next()` says it must (the test ABI's FAIL_ALLOC flag), which splits the
 /// device folio. Returns `ENOMEM` if a single page cannot be had (or `fail_next()` fails it);
-/// dropping `mig` then puts everything back.
+/// no destination is given then, and dropping `mig` puts everything back.
 pub(crate) fn to_system(
     mig: &mut MigrateVma<'_>,
     owner: &PagemapOwner<Chunk>,
     mut fail_next: impl FnMut() -> bool,
 ) -> Result<usize> {
-    // Pages given a destination, returned.
+    // The destinations, filled while the sources are borrowed from `mig`, handed over after;
+    // room for one each, so that no push allocates (some happen under a spinlock).
+    let mut dsts = KVec::with_capacity(mig.npages(), GFP_KERNEL)?;
+    fn push(dsts: &mut KVec<(usize, LockedFolio)>, i: usize, dst: LockedFolio) -> Result {
+        dsts.push_within_capacity((i, dst)).map_err(|_| ENOMEM)
+    }
+    // Pages given a destination.
     let mut given = 0;
-    // Destinations of large sources are filled while the source is borrowed from `mig`,
-    // handed over after.
-    let mut dsts = KVec::new();
     // The one-page destinations, from one call to the page allocator: every collected entry
     // that is not compound takes one.
     let small = (0..mig.npages())
@@ -314,62 +324,83 @@ pub(crate) fn to_system(
     if small > 0 {
         LockedFolio::alloc_bulk(GFP_HIGHUSER_MOVABLE, small, &mut pool)?;
     }
+    // Single pages of device-private memory are copied under their table's lock, held for a
+    // run of pages of one chunk (at most `COPY_RUN` of them).
+    let mut held: Option<(&Chunk, SpinLockGuard<'_, Table>, usize)> = None;
     let mut i = 0;
     while i < mig.npages() {
         let span = mig.span(i);
-        {
-            let src = mig.src(i);
-            let found = mig.src_folio(i).and_then(|folio| {
-                let (chunk, first) = DevPagemap::<Chunk>::of_folio(folio, owner)?;
-                let page = src.pfn()? - folio.pfn();
-                Some((chunk.data(), first + page, folio, page))
-            });
-            let Some((chunk, index, folio, page)) = found.filter(|_| src.is_migrate()) else {
-                i += span;
-                continue;
-            };
-            let large = if span == 1 {
-                if fail_next() {
-                    return Err(ENOMEM);
-                }
-                if let Some(mut dst) = pool.pop() {
+        let src = mig.src(i);
+        let found = mig.src_folio(i).and_then(|folio| {
+            let (chunk, first) = DevPagemap::<Chunk>::of_folio(folio, owner)?;
+            let page = src.pfn()? - folio.pfn();
+            Some((chunk.data(), first + page, folio, page))
+        });
+        let Some((chunk, index, folio, page)) = found.filter(|_| src.is_migrate()) else {
+            i += span;
+            continue;
+        };
+        if span == 1 {
+            if fail_next() {
+                return Err(ENOMEM);
+            }
+            if let Some(mut dst) = pool.pop() {
+                if chunk.coherent {
                     chunk.copy_page_to(index, folio, page, &mut dst);
-                    mig.set_dst(i, dst)?;
-                    given += 1;
-                    i += 1;
-                    continue;
+                } else {
+                    let run = match held.take() {
+                        Some((c, guard, n)) if core::ptr::eq(c, chunk) && n < COPY_RUN => {
+                            (c, guard, n + 1)
+                        }
+                        // Another chunk's guard goes first: same lock class.
+                        other => {
+                            drop(other);
+                            (chunk, chunk.backing.lock(), 1)
+                        }
+                    };
+                    Chunk::copy_backing_page(&run.1, index, &mut dst);
+                    held = Some(run);
                 }
-                None
-            } else if fail_next() {
-                None
-            } else {
-                alloc_system(PMD_ORDER).ok()
-            };
-            if let Some(mut dst) = large {
-                chunk.copy_to(index, folio, page, &mut dst);
-                dsts.push((i, dst), GFP_KERNEL)?;
-            } else if span > 1 && chunk.coherent {
-                // Page-by-page destinations would make the core split the device-coherent
-                // folio during the migration, which hangs on 7.3; the CPU reaches coherent
-                // memory where it is, so the folio stays on the device instead.
-                i += span;
+                push(&mut dsts, i, dst)?;
+                given += 1;
+                i += 1;
                 continue;
-            } else {
-                for k in 0..span {
-                    let mut dst = alloc_system(0)?;
-                    chunk.copy_to(index + k, folio, page + k, &mut dst);
-                    dsts.push((i + k, dst), GFP_KERNEL)?;
-                }
             }
         }
-        for (j, dst) in dsts.drain_all() {
-            mig.set_dst(j, dst)?;
+        // The paths below lock the table themselves.
+        held = None;
+        let large = if span == 1 || fail_next() {
+            None
+        } else {
+            alloc_system(PMD_ORDER).ok()
+        };
+        if let Some(mut dst) = large {
+            chunk.copy_to(index, folio, page, &mut dst);
+            push(&mut dsts, i, dst)?;
+            given += span;
+        } else if span > 1 && chunk.coherent {
+            // Page-by-page destinations would make the core split the device-coherent
+            // folio during the migration, which hangs on 7.3; the CPU reaches coherent
+            // memory where it is, so the folio stays on the device instead.
+        } else {
+            for k in 0..span {
+                let mut dst = alloc_system(0)?;
+                chunk.copy_to(index + k, folio, page + k, &mut dst);
+                push(&mut dsts, i + k, dst)?;
+            }
+            given += span;
         }
-        given += span;
         i += span;
+    }
+    drop(held);
+    for (j, dst) in dsts.drain_all() {
+        mig.set_dst(j, dst)?;
     }
     Ok(given)
 }
+
+/// Single pages copied under one hold of a backing table's lock, at most.
+const COPY_RUN: usize = 64;
 
 impl DevicePagemapOps for Chunk {
     fn folio_free(&self, folio: FreedFolio) {
@@ -599,12 +630,6 @@ impl Device {
     /// Returns the backing table of chunk slot `slot` (device-private memory).
     pub(crate) fn table(&self, slot: usize) -> Option<&BackingTable> {
         self.tables.get(slot).map(|t| &**t)
-    }
-
-    /// Returns whether `page` is still allocated by the allocation it names.
-    pub(crate) fn is_live(&self, page: &DevicePage) -> bool {
-        self.table(page.slot)
-            .is_some_and(|t| t.lock().get(page).is_some())
     }
 
     /// Returns whether the device's memory is device-coherent.

@@ -232,7 +232,7 @@ impl Mirror {
 
     /// Removes the entries of pages `[first, end)` for which `which` returns true; frees
     /// leaves left empty.
-    fn remove(&mut self, first: usize, end: usize, which: impl Fn(&Entry) -> bool) {
+    fn remove(&mut self, first: usize, end: usize, mut which: impl FnMut(&Entry) -> bool) {
         let mut cursor = self.table.cursor_lower_bound_mut(&(first / LEAF_PAGES));
         while let Some(mut c) = cursor {
             let (&key, leaf) = c.current_mut();
@@ -242,7 +242,7 @@ impl Mirror {
             }
             let (lo, hi) = (first.saturating_sub(base), (end - base).min(LEAF_PAGES));
             for slot in &mut leaf[lo..hi] {
-                if slot.as_ref().is_some_and(&which) {
+                if slot.as_ref().is_some_and(&mut which) {
                     *slot = None;
                 }
             }
@@ -752,12 +752,14 @@ impl DmirrorFile {
             // The migration ignores its own invalidation: drop the entries of system pages,
             // which it replaces (their references would also make the pages look pinned), and
             // stale ones. Pages already in this device's memory stay, and stay mirrored.
+            let mut tables = Tables::new(&self.device);
             self.mirror
                 .lock()
                 .remove(start / PAGE_SIZE, next / PAGE_SIZE, |e| match &e.data {
                     Data::Folio(folio, _) => !folio.is_zone_device(),
-                    Data::Device(page) => !self.device.is_live(page),
+                    Data::Device(_) => tables.find(e).is_none(),
                 });
+            drop(tables);
             let mut mig = MigrateVma::setup(
                 vma,
                 start,
@@ -878,11 +880,17 @@ impl DmirrorFile {
         let mut migrated = 0;
         self.for_each_window(&mm, addr, npages, |vma, start, next| {
             let _ioctl = IoctlMigration::new(&self.mirror);
-            // The migration ignores its own invalidation: drop the entries it replaces (for
-            // coherent pages, their references would make the pages look pinned).
-            self.mirror
-                .lock()
-                .remove(start / PAGE_SIZE, next / PAGE_SIZE, |_| true);
+            // The migration ignores its own invalidation. Entries of coherent pages hold
+            // references, which would make the pages look pinned: they go, before and after
+            // (what faults put there meanwhile). Entries of private pages that move go stale
+            // (their generation tells) and are replaced on the next access or dropped by the
+            // next invalidation of the range.
+            let coherent = self.device.is_coherent();
+            if coherent {
+                self.mirror
+                    .lock()
+                    .remove(start / PAGE_SIZE, next / PAGE_SIZE, |_| true);
+            }
             let mut mig = MigrateVma::setup(
                 vma,
                 start,
@@ -893,10 +901,11 @@ impl DmirrorFile {
             )?;
             let given = to_system(&mut mig, &self.device.owner, || self.take_fail_alloc())?;
             let mig = mig.pages();
-            // And what faults put there meanwhile.
-            self.mirror
-                .lock()
-                .remove(start / PAGE_SIZE, next / PAGE_SIZE, |_| true);
+            if coherent {
+                self.mirror
+                    .lock()
+                    .remove(start / PAGE_SIZE, next / PAGE_SIZE, |_| true);
+            }
             let moved = (0..mig.npages()).filter(|&i| mig.migrated(i)).count();
             self.device
                 .refused
