@@ -34,7 +34,7 @@ KERNEL_DEP :=
 KSRC = $(shell readlink -f $(KDIR)/source 2>/dev/null || echo $(KDIR))
 endif
 
-KMAKE_ARGS = LLVM=-19 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
+KMAKE_ARGS = LLVM=-22 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
 	CLIPPY_DRIVER=/usr/bin/clippy-driver \
 	BINDGEN=$(HOME)/.cargo/bin/bindgen
 KMAKE = $(MAKE) -C $(KDIR) $(KMAKE_ARGS)
