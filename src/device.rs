@@ -20,10 +20,10 @@
 //! `Device::memory` (a mutex) is taken to find or add a chunk and never while a mirror lock is
 //! held. Each backing table is a spinlock, taken for lookups, updates and copies of a few pages
 //! at most (`folio_free` runs in atomic context); a page's backing is only dropped under it, so
-//! a folio found in the table stays alive while the lock is held. Eviction (RELEASE, last close, unload) takes the
-//! chunks out of the device under the mutex and drops them after releasing it, so it never
-//! waits under the mutex for a migration that needs it; a migration window waits for an
-//! eviction in progress before it allocates, holding no device page (see
+//! a folio found in the table stays alive while the lock is held. Eviction (RELEASE, last
+//! close, unload) takes the chunks out of the device under the mutex and drops them after
+//! releasing it, so it never waits under the mutex for a migration that needs it; a migration
+//! window waits for an eviction in progress before it allocates, holding no device page (see
 //! [`Device::allocator`]).
 
 use core::{

@@ -10,9 +10,11 @@
 //! this device's private memory, the page's name in its device's backing tables, without a
 //! reference (see [`DevicePage`]): its data is reached there, under the table's lock, and only
 //! while the page is still the same allocation. Entries also say whether the CPU mapping was
-//! writable. They are added only under [`MmuIntervalNotifier::lock_if_valid`] after an HMM fault, or right
-//! after a migration this file made, and are removed by every invalidation of their range, so
-//! a device access never reaches a page that is no longer mapped there.
+//! writable. They are added only under [`MmuIntervalNotifier::lock_if_valid`] after an HMM
+//! fault, or right after a migration this file made, and are removed by every invalidation of
+//! their range (but for this device's own migrations: see `Mirror`'s `invalidate`), so a device
+//! access never reaches a page that is no longer mapped there: an entry of a private page
+//! that such a migration moved is stale by its generation.
 //!
 //! # Locking
 //!

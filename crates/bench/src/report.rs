@@ -201,7 +201,8 @@ pub fn markdown(rows: &[Row], ceiling: Option<(u64, Stats)>, up_c: &[Upstream], 
     let _ = writeln!(
         o,
         "One guest boot under TCG: timings are only meaningful as ratios within it. \
-         Median of the recorded turns (± half the min-max spread, as a percentage of the median); \
+         Median of the recorded samples (one a turn; below 32 MiB, 32 MiB / size a turn, at most \
+         8) (± half the min-max spread, as a percentage of the median); \
          ratio = C's median time / dmirror's (above 1.00: dmirror is faster)."
     );
     if let (Some(g), Some((b, s))) = (ceil_gbps, ceiling) {

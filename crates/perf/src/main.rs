@@ -10,7 +10,8 @@
 //!
 //! A turn is: load the module (timed), warm its device memory up, then for each page kind and
 //! buffer size: MIGRATE_TO_DEV, MIGRATE_TO_SYS, CPU faults back in sequential and random
-//! order, READ and WRITE on system memory (each timed, each checked), then migrate the
+//! order, READ and WRITE on system memory (each timed, each checked; sizes below 32 MiB run
+//! several times a turn, 32 MiB / size times and at most 8, each run a sample), then migrate the
 //! largest buffer to the device, close and unload (timed: the driver evicts it) and check the
 //! evicted data. A KTAP result per turn says whether every operation did what it should.
 //!
@@ -429,7 +430,9 @@ impl Turn<'_> {
         }
         for kind in [Kind::Small, Kind::Huge] {
             for &len in sizes {
-                self.workloads(&dev, kind, len)?;
+                for _ in 0..runs(len) {
+                    self.workloads(&dev, kind, len)?;
+                }
             }
         }
         // Leave the largest 4 KiB buffer on the device for the unload.
@@ -440,6 +443,17 @@ impl Turn<'_> {
         ioctl(&dev, MIGRATE_TO_DEV, buf.addr, self.bufs.mirror.addr, n, Some(n), "unload to_dev")?;
         Ok((largest, s))
     }
+}
+
+/// Bytes a turn moves at least per workload and size: below it, a size runs several times a
+/// turn (at most [`MAX_RUNS`]), each run a sample. An operation of a few milliseconds is
+/// within a timer tick or two of its noise under TCG; more samples keep its median stable.
+const RUN_BYTES: usize = 32 * MIB;
+const MAX_RUNS: usize = 8;
+
+/// How many times a turn runs the workloads at `len` bytes.
+fn runs(len: usize) -> usize {
+    (RUN_BYTES / len.max(1)).clamp(1, MAX_RUNS)
 }
 
 fn main() {
