@@ -38,12 +38,12 @@ use kernel::{
             Census, DevPagemap, DeviceFault, DeviceFolio, DevicePagemapOps, FreedFolio,
             PagemapOwner, SplitFolio, VmFaultCode, PMD_ORDER, SECTION_SIZE,
         },
-        migrate::{LockedFolio, MigrateVma, Select},
+        migrate::{LockedFolio, MigrateVma, OwnedFolio, Select},
     },
     new_condvar, new_mutex, new_spinlock,
     page::PAGE_SIZE,
     prelude::*,
-    sync::{aref::ARef, Arc, CondVar, Mutex, MutexGuard, SpinLock, SpinLockGuard},
+    sync::{Arc, CondVar, Mutex, MutexGuard, SpinLock, SpinLockGuard},
 };
 
 /// Pages a CPU fault on a page table entry migrates back at most: the naturally aligned
@@ -54,10 +54,12 @@ const FAULT_AROUND_PAGES: usize = 16;
 pub(crate) const CHUNK_SIZE: usize = 2 * SECTION_SIZE;
 
 /// Where the data of a device page lives: page `page` of a system folio. A device folio of
-/// order 9 is backed by one system folio of order 9, so its pages share it.
+/// order 9 is backed by one system folio of order 9, so its pages share it. A device folio that
+/// goes back to system memory whole takes its backing there, as the destination (see
+/// [`to_system`]).
 #[derive(Clone)]
 pub(crate) struct Backing {
-    pub(crate) folio: ARef<Folio>,
+    pub(crate) folio: OwnedFolio,
     pub(crate) page: usize,
     /// The generation of the allocation the page belongs to.
     gen: u64,
@@ -79,6 +81,17 @@ impl Table {
             .as_ref()
             .filter(|b| b.gen == page.gen)
             .map(|b| (&*b.folio, b.page * PAGE_SIZE))
+    }
+}
+
+impl Table {
+    /// See [`Chunk::hand_over`]; does not sleep.
+    fn hand_over(&self, index: usize, nr: usize) -> Option<LockedFolio> {
+        let b = self.pages.get(index)?.as_ref()?;
+        if b.page != 0 || b.folio.nr_pages() != nr {
+            return None;
+        }
+        LockedFolio::hand_over(&b.folio)
     }
 }
 
@@ -136,9 +149,11 @@ pub(crate) fn alloc_system(order: u32) -> Result<LockedFolio> {
     LockedFolio::alloc(flags, order)
 }
 
-/// Allocates the backing of a new device-private folio: kernel-owned and never migrated, so
-/// not movable (a movable allocation would take pageblocks from the memory that compaction
-/// assembles huge pages from); large ones are opportunistic (callers fall back to pages).
+/// Allocates the backing of a new device-private folio: kernel-owned and never migrated while
+/// it backs device memory, so not movable (a movable allocation would take pageblocks from the
+/// memory that compaction assembles huge pages from), although a large one becomes user memory
+/// when its device folio goes back whole; large ones are opportunistic (callers fall back to
+/// pages).
 fn alloc_backing(order: u32) -> Result<LockedFolio> {
     let flags = if order > 0 {
         GFP_HIGHUSER | __GFP_NOWARN
@@ -208,13 +223,13 @@ impl Chunk {
 
     /// Records `folio` as the backing of the device pages from `index` on, one page each, as
     /// a new allocation; returns the first page's name.
-    fn set_backing(&self, index: usize, folio: &Folio) -> DevicePage {
+    fn set_backing(&self, index: usize, folio: &OwnedFolio) -> DevicePage {
         let mut table = self.backing.lock();
         table.gen += 1;
         let gen = table.gen;
         for page in 0..folio.nr_pages() {
             let new = Backing {
-                folio: ARef::from(folio),
+                folio: folio.clone(),
                 page,
                 gen,
             };
@@ -228,6 +243,13 @@ impl Chunk {
             index,
             gen,
         }
+    }
+
+    /// Hands the backing of the device folio of `nr` pages at `index` over for a migration to
+    /// system memory to take as its destination, if it is one folio of that size (it is unless
+    /// the device folio was split) and the device folio's data is there (private memory).
+    fn hand_over(&self, index: usize, nr: usize) -> Option<LockedFolio> {
+        self.backing.lock().hand_over(index, nr)
     }
 
     /// Copies the data of the device page at `index` into the one-page folio `dst`; a page
@@ -315,17 +337,17 @@ pub(crate) fn to_system(
     }
     // Pages given a destination.
     let mut given = 0;
-    // The one-page destinations, from one call to the page allocator: every collected entry
-    // that is not compound takes one.
-    let small = (0..mig.npages())
-        .filter(|&i| mig.src(i).is_migrate() && mig.src(i).has_page() && mig.span(i) == 1)
-        .count();
+    // The one-page destinations that are copied into, from one call to the page allocator
+    // when the first is needed: the entries from there on that are not compound take one
+    // each at most.
+    let small = |from: usize| {
+        (from..mig.npages())
+            .filter(|&i| mig.src(i).is_migrate() && mig.src(i).has_page() && mig.span(i) == 1)
+            .count()
+    };
     let mut pool = KVec::new();
-    if small > 0 {
-        LockedFolio::alloc_bulk(GFP_HIGHUSER_MOVABLE, small, &mut pool)?;
-    }
-    // Single pages of device-private memory are copied under their table's lock, held for a
-    // run of pages of one chunk (at most `COPY_RUN` of them).
+    // Single pages of device-private memory are handed over or copied under their table's
+    // lock, held for a run of pages of one chunk (at most `COPY_RUN` of them).
     let mut held: Option<(&Chunk, SpinLockGuard<'_, Table>, usize)> = None;
     let mut i = 0;
     while i < mig.npages() {
@@ -344,22 +366,37 @@ pub(crate) fn to_system(
             if fail_next() {
                 return Err(ENOMEM);
             }
+            let run = (!chunk.coherent).then(|| match held.take() {
+                Some((c, guard, n)) if core::ptr::eq(c, chunk) && n < COPY_RUN => (c, guard, n + 1),
+                // Another chunk's guard goes first: same lock class.
+                other => {
+                    drop(other);
+                    (chunk, chunk.backing.lock(), 1)
+                }
+            });
+            // A backing page of its own becomes the destination: no copy.
+            if let Some(dst) = run.as_ref().and_then(|r| r.1.hand_over(index, 1)) {
+                held = run;
+                push(&mut dsts, i, dst)?;
+                given += 1;
+                i += 1;
+                continue;
+            }
+            if pool.is_empty() {
+                // The allocation may sleep: no table lock is held over it (`copy_page_to`
+                // below takes this page's).
+                drop(run);
+                held = None;
+                LockedFolio::alloc_bulk(GFP_HIGHUSER_MOVABLE, small(i), &mut pool)?;
+            } else {
+                held = run;
+            }
             if let Some(mut dst) = pool.pop() {
-                if chunk.coherent {
-                    chunk.copy_page_to(index, folio, page, &mut dst);
-                } else {
-                    let run = match held.take() {
-                        Some((c, guard, n)) if core::ptr::eq(c, chunk) && n < COPY_RUN => {
-                            (c, guard, n + 1)
-                        }
-                        // Another chunk's guard goes first: same lock class.
-                        other => {
-                            drop(other);
-                            (chunk, chunk.backing.lock(), 1)
-                        }
-                    };
-                    Chunk::copy_backing_page(&run.1, index, &mut dst);
-                    held = Some(run);
+                match &held {
+                    Some(run) if core::ptr::eq(run.0, chunk) => {
+                        Chunk::copy_backing_page(&run.1, index, &mut dst)
+                    }
+                    _ => chunk.copy_page_to(index, folio, page, &mut dst),
                 }
                 push(&mut dsts, i, dst)?;
                 given += 1;
@@ -372,10 +409,14 @@ pub(crate) fn to_system(
         let large = if span == 1 || fail_next() {
             None
         } else {
-            alloc_system(PMD_ORDER).ok()
+            // A backing that holds the whole folio's data becomes the destination: no copy.
+            chunk.hand_over(index, span).or_else(|| {
+                let mut dst = alloc_system(PMD_ORDER).ok()?;
+                chunk.copy_to(index, folio, page, &mut dst);
+                Some(dst)
+            })
         };
-        if let Some(mut dst) = large {
-            chunk.copy_to(index, folio, page, &mut dst);
+        if let Some(dst) = large {
             push(&mut dsts, i, dst)?;
             given += span;
         } else if span > 1 && chunk.coherent {
@@ -675,7 +716,7 @@ impl Device {
         let chunk = folio.pagemap().data();
         match backing {
             Some(backing) => {
-                let page = chunk.set_backing(folio.index(), backing.folio());
+                let page = chunk.set_backing(folio.index(), &backing.owned());
                 f(folio, Storage::Backing(backing, page))
             }
             None => f(folio, Storage::Direct),
