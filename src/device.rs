@@ -82,9 +82,7 @@ impl Table {
             .filter(|b| b.gen == page.gen)
             .map(|b| (&*b.folio, b.page * PAGE_SIZE))
     }
-}
 
-impl Table {
     /// See [`Chunk::hand_over`]; does not sleep.
     fn hand_over(&self, index: usize, nr: usize) -> Option<LockedFolio> {
         let b = self.pages.get(index)?.as_ref()?;
