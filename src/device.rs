@@ -336,14 +336,14 @@ pub(crate) fn to_system(
     // Pages given a destination.
     let mut given = 0;
     // The one-page destinations that are copied into, from one call to the page allocator
-    // when the first is needed: the entries from there on that are not compound take one
-    // each at most.
+    // (made at most once a window) when the first is needed: the entries from there on that
+    // are not compound take one each at most.
     let small = |from: usize| {
         (from..mig.npages())
             .filter(|&i| mig.src(i).is_migrate() && mig.src(i).has_page() && mig.span(i) == 1)
             .count()
     };
-    let mut pool = KVec::new();
+    let mut pool: Option<KVec<LockedFolio>> = None;
     // Single pages of device-private memory are handed over or copied under their table's
     // lock, held for a run of pages of one chunk (at most `COPY_RUN` of them).
     let mut held: Option<(&Chunk, SpinLockGuard<'_, Table>, usize)> = None;
@@ -380,16 +380,19 @@ pub(crate) fn to_system(
                 i += 1;
                 continue;
             }
-            if pool.is_empty() {
+            if pool.is_none() {
                 // The allocation may sleep: no table lock is held over it (`copy_page_to`
                 // below takes this page's).
                 drop(run);
                 held = None;
-                LockedFolio::alloc_bulk(GFP_HIGHUSER_MOVABLE, small(i), &mut pool)?;
+                let mut new = KVec::new();
+                LockedFolio::alloc_bulk(GFP_HIGHUSER_MOVABLE, small(i), &mut new)?;
+                pool = Some(new);
             } else {
                 held = run;
             }
-            if let Some(mut dst) = pool.pop() {
+            // Once the pool runs out (memory is short), one page at a time below.
+            if let Some(mut dst) = pool.as_mut().and_then(KVec::pop) {
                 match &held {
                     Some(run) if core::ptr::eq(run.0, chunk) => {
                         Chunk::copy_backing_page(&run.1, index, &mut dst)
