@@ -263,6 +263,13 @@ fn regress_dirs(patched_dir: &Path, stock_dir: &Path) -> Result<bool, String> {
     }
     let ok = patched.ok && stock.done && wrong == 0 && !rows.is_empty();
     println!("bench: patched run {}, regression {fixed} fixed, {wrong} wrong, {skipped} skipped", if patched.ok { "PASS" } else { "FAIL" });
+    // Again here, at the end of `make test`, where a log cut to its tail still shows them.
+    for (suite, t) in patched.gated_failures() {
+        println!("bench: patched run failed: {suite}: {} {} (see {}/{suite}.ktap)", t.name, t.note, patched_dir.display());
+    }
+    if !patched.done {
+        println!("bench: the patched run did not finish its plan");
+    }
     println!("bench: {}", if ok { "PASS" } else { "FAIL" });
     println!(
         "{} passed, {} failed, {} skipped",

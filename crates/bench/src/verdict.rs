@@ -54,6 +54,18 @@ pub struct Summary {
     pub ok: bool,
 }
 
+impl Summary {
+    /// The failed or crashed tests of the gated suites, with their suites' names.
+    pub fn gated_failures(&self) -> impl Iterator<Item = (&str, &TestResult)> {
+        self.suites.iter().filter(|s| s.gated).flat_map(|s| {
+            s.tests
+                .iter()
+                .filter(|t| matches!(t.outcome, Outcome::Fail | Outcome::Crash))
+                .map(move |t| (s.name.as_str(), t))
+        })
+    }
+}
+
 /// Counts over several suites.
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Totals {

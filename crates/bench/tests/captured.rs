@@ -63,6 +63,11 @@ fn failing_run_fails_with_counts_and_findings() {
     assert_eq!((r.passed, r.failed, r.skipped), (69, 10, 0));
     assert!(r.findings.iter().any(|f| f.kind == "WARNING"));
     assert!(r.findings.iter().any(|f| f.kind == "BUG" && f.line.contains("NULL pointer")));
+    // What `regress` restates at the end of `make test`: the ten, by suite and name.
+    let failures: Vec<_> = s.gated_failures().collect();
+    assert_eq!(failures.len(), 10);
+    assert!(failures.iter().all(|(suite, _)| *suite == "hmm-tests-c"));
+    assert!(failures.iter().any(|(_, t)| t.name == "hmm.hmm_device_coherent.migrate_multiple"));
     let (code, out) = judge_binary("failing");
     assert_eq!(code, 1);
     assert_eq!(last_line(&out), "70 passed, 10 failed, 0 skipped");
