@@ -313,11 +313,7 @@ fn print_summary(summary: &Summary) {
         );
     }
     for s in &summary.suites {
-        let failed: Vec<_> = s
-            .tests
-            .iter()
-            .filter(|t| matches!(t.outcome, dmirror_bench::ktap::Outcome::Fail | dmirror_bench::ktap::Outcome::Crash))
-            .collect();
+        let failed: Vec<_> = s.failures().collect();
         if !failed.is_empty() {
             println!("\n{}{}: failed", s.name, if s.gated { "" } else { " (not gated)" });
             for t in failed.iter().take(40) {

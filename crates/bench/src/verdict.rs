@@ -36,6 +36,11 @@ impl SuiteVerdict {
     pub fn ok(&self) -> bool {
         self.failed == 0
     }
+
+    /// Its failed or crashed tests.
+    pub fn failures(&self) -> impl Iterator<Item = &TestResult> {
+        self.tests.iter().filter(|t| matches!(t.outcome, Outcome::Fail | Outcome::Crash))
+    }
 }
 
 /// The verdict on a whole run.
@@ -57,12 +62,10 @@ pub struct Summary {
 impl Summary {
     /// The failed or crashed tests of the gated suites, with their suites' names.
     pub fn gated_failures(&self) -> impl Iterator<Item = (&str, &TestResult)> {
-        self.suites.iter().filter(|s| s.gated).flat_map(|s| {
-            s.tests
-                .iter()
-                .filter(|t| matches!(t.outcome, Outcome::Fail | Outcome::Crash))
-                .map(move |t| (s.name.as_str(), t))
-        })
+        self.suites
+            .iter()
+            .filter(|s| s.gated)
+            .flat_map(|s| s.failures().map(move |t| (s.name.as_str(), t)))
     }
 }
 
