@@ -4,6 +4,7 @@
 #   make test      every test: host unit tests, the VM suites, the regression cases on
 #                  the stock kernel too, and the two columns side by side
 #   make stock     the regression cases on the stock kernel alone
+#   make compile-fail  the compile-fail cases (tests/compile-fail) alone, on the host
 #   make kernel    build (or reuse) the cached kernel ($KERNEL_FLAVOUR)
 #   make / make module, make clippy, make rust-analyzer, make checkpatch
 #
@@ -47,7 +48,7 @@ STOCK_KDIR = $(shell KERNEL_FLAVOUR=stock $(ROOT)/scripts/kernel path)
 
 .PHONY: all module clippy rust-analyzer kernel setup canary selftest tools suite perf fuzz bench \
 	initramfs demo test stock stock-initramfs check-dmirror check-suite check-fuzz soak host-test \
-	checkpatch clean
+	checkpatch compile-fail clean
 
 all: module
 
@@ -113,6 +114,15 @@ initramfs: module canary selftest suite perf fuzz $(FSDAX_IMG)
 host-test:
 	cargo test --quiet --workspace
 
+# The compile-fail suite: each case of tests/compile-fail is built against the kernel twice, its
+# misuse must fail with the error code its header names and its control must build. The KTAP
+# file goes into the patched run's summary as the gated suite `compile-fail` (make test).
+COMPILE_FAIL := $(BUILD)/compile-fail
+COMPILE_FAIL_RUN = $(BENCH) compile-fail --kdir $(KDIR) --cases $(ROOT)/tests/compile-fail \
+	--out $(COMPILE_FAIL) --make $(MAKE) -- $(KMAKE_ARGS)
+compile-fail: $(KERNEL_DEP) tools
+	$(COMPILE_FAIL_RUN)
+
 # Each patch on its own, from outside any git tree (checkpatch consults git). Debian's
 # tarball has no history, so the upstream commit ids the messages cite cannot be looked up.
 checkpatch: $(KERNEL_DEP)
@@ -126,13 +136,15 @@ demo: initramfs tools
 	$(BENCH) run --plan demo --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results
 
-# Every suite on the patched kernel, then the regression cases on the stock kernel, then
-# both columns of the regression table; fails if any of the three fails.
+# The compile-fail cases, every suite on the patched kernel (with the compile-fail results
+# merged in), then the regression cases on the stock kernel, then both columns of the
+# regression table; fails if any of them fails.
 test: host-test initramfs tools
 	@rc=0; \
+	$(COMPILE_FAIL_RUN) || rc=1; \
 	$(BENCH) run --plan test --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
-		$(BENCH_ARGS) || rc=1; \
+		$(BENCH_ARGS) --host-ktap $(COMPILE_FAIL)/compile-fail.ktap || rc=1; \
 	$(MAKE) --no-print-directory stock || rc=1; \
 	$(BENCH) regress $(ROOT)/results/latest-test $(ROOT)/results/latest-stock || rc=1; \
 	exit $$rc

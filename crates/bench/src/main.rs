@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S]
-//!                   [--results DIR] [--kvm] [--append ARG]...
+//!                   [--results DIR] [--kvm] [--append ARG]... [--host-ktap FILE]...
 //! dmirror-bench judge RESULTS_DIR
 //! dmirror-bench report RESULTS_DIR
 //! dmirror-bench regress PATCHED_DIR STOCK_DIR
+//! dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S]
+//!                   [--make MAKE] [-- MAKE_ARG...]
 //! ```
 //!
 //! `run` writes `DIR/<timestamp>-<plan>/` (console.log, stream.log,
@@ -16,7 +18,14 @@
 //! that from the saved files). `regress` puts the regression suite's results of a
 //! stock-kernel run beside the patched run's (`regress.md` in PATCHED_DIR) and prints the
 //! patched run's gated totals with the regression verdicts added.
+//!
+//! `compile-fail` builds every case of the compile-fail suite (`compile_fail`) against a kernel
+//! tree with `MAKE -C KDIR MAKE_ARG... M=<dir> modules`, writes `OUT/compile-fail.ktap`, prints
+//! one line per case and exits 0 only when every case passed. `run --host-ktap FILE` adds such a
+//! KTAP file to the run as a gated suite named after the file (`compile-fail`): it is copied into
+//! the run's directory and listed in its `host-suites`, which `judge` and `regress` read too.
 
+use dmirror_bench::compile_fail;
 use dmirror_bench::regress::{self, Verdict};
 use dmirror_bench::report;
 use dmirror_bench::stream;
@@ -44,11 +53,16 @@ struct RunArgs {
     results: PathBuf,
     kvm: bool,
     append: Vec<String>,
+    host_ktap: Vec<PathBuf>,
 }
+
+/// The file in a results directory that names the suites run on the host, one a line; each
+/// one's KTAP is `<name>.ktap` beside it.
+const HOST_SUITES: &str = "host-suites";
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--kvm] [--append ARG]...\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR"
+        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--kvm] [--append ARG]... [--host-ktap FILE]...\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR\n       dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S] [--make MAKE] [-- MAKE_ARG...]"
     );
     ExitCode::from(2)
 }
@@ -61,6 +75,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
     let mut results = PathBuf::from("results");
     let mut kvm = false;
     let mut append = Vec::new();
+    let mut host_ktap = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
@@ -71,6 +86,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
             "--timeout" => timeout = value()?.parse().map_err(|e| format!("--timeout: {e}"))?,
             "--results" => results = PathBuf::from(value()?),
             "--append" => append.push(value()?),
+            "--host-ktap" => host_ktap.push(PathBuf::from(value()?)),
             "--kvm" => kvm = true,
             _ => return Err(format!("unknown argument {a}")),
         }
@@ -83,7 +99,107 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
         results,
         kvm,
         append,
+        host_ktap,
     })
+}
+
+/// Parses the arguments of `compile-fail`; those after `--` go to the kernel's make.
+fn parse_compile_fail(args: &[String]) -> Result<compile_fail::Config, String> {
+    let mut kdir = None;
+    let mut cases = None;
+    let mut out = None;
+    let mut make = "make".to_string();
+    let mut jobs = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut timeout = 600;
+    let (own, make_args) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], args[i + 1..].to_vec()),
+        None => (args, Vec::new()),
+    };
+    let mut it = own.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--kdir" => kdir = Some(PathBuf::from(value()?)),
+            "--cases" => cases = Some(PathBuf::from(value()?)),
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--make" => make = value()?,
+            "--jobs" => jobs = value()?.parse().map_err(|e| format!("--jobs: {e}"))?,
+            "--timeout" => timeout = value()?.parse().map_err(|e| format!("--timeout: {e}"))?,
+            _ => return Err(format!("unknown argument {a}")),
+        }
+    }
+    Ok(compile_fail::Config {
+        kdir: kdir.ok_or("--kdir is required")?,
+        cases: cases.ok_or("--cases is required")?,
+        out: out.ok_or("--out is required")?,
+        make,
+        make_args,
+        jobs,
+        timeout: Duration::from_secs(timeout),
+    })
+}
+
+/// Runs the compile-fail suite and prints one line per case.
+fn compile_fail_cmd(cfg: &compile_fail::Config) -> Result<bool, String> {
+    let start = Instant::now();
+    println!(
+        "compile-fail: building the cases of {} against {} ({} at a time)",
+        cfg.cases.display(),
+        cfg.kdir.display(),
+        cfg.jobs
+    );
+    let results = compile_fail::run(cfg)?;
+    let width = results.iter().map(|r| r.name.len()).max().unwrap_or(0);
+    for r in &results {
+        println!(
+            "compile-fail: {:<4} {:<width$}  {} ({:.1} s)",
+            if r.ok { "ok" } else { "FAIL" },
+            r.name,
+            r.note,
+            r.secs
+        );
+    }
+    let failed = results.iter().filter(|r| !r.ok).count();
+    println!(
+        "compile-fail: {} passed, {failed} failed in {:.1} s; KTAP and build logs in {}",
+        results.len() - failed,
+        start.elapsed().as_secs_f64(),
+        cfg.out.display()
+    );
+    Ok(failed == 0)
+}
+
+/// Copies the KTAP files of suites run on the host into a run's directory and lists them in its
+/// `host-suites`. A missing file is listed all the same, so that the judge fails its suite.
+fn add_host_ktap(dir: &Path, files: &[PathBuf]) -> Result<(), String> {
+    let mut names = String::new();
+    for file in files {
+        let name = file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .filter(|s| !s.is_empty())
+            .ok_or(format!(
+                "--host-ktap {}: no suite name in the file name",
+                file.display()
+            ))?;
+        let to = dir.join(format!("{name}.ktap"));
+        match fs::copy(file, &to) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                println!(
+                    "bench: {} is missing: the {name} suite fails",
+                    file.display()
+                );
+            }
+            Err(e) => return Err(format!("{} -> {}: {e}", file.display(), to.display())),
+        }
+        names.push_str(name);
+        names.push('\n');
+    }
+    if !files.is_empty() {
+        fs::write(dir.join(HOST_SUITES), names).map_err(|e| format!("{HOST_SUITES}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// UTC `YYYYmmdd-HHMMSS` for a results directory name.
@@ -135,6 +251,7 @@ fn follow(path: &Path, pos: &mut u64, partial: &mut String, start: Instant) {
 fn run(args: RunArgs) -> Result<bool, String> {
     let dir = args.results.join(format!("{}-{}", timestamp(), args.plan));
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    add_host_ktap(&dir, &args.host_ktap)?;
     let console = dir.join("console.log");
     let stream_log = dir.join("stream.log");
     let mut cmdline = vec![
@@ -148,6 +265,9 @@ fn run(args: RunArgs) -> Result<bool, String> {
         format!("dmirror.plan={}", args.plan),
         format!("dmirror.spm0={SPM0}"),
         format!("dmirror.spm1={SPM1}"),
+        // /dev/nullb0 completes each request from a timer interrupt 200 ms after it came.
+        "null_blk.irqmode=2".into(),
+        "null_blk.completion_nsec=200000000".into(),
     ];
     cmdline.extend(args.append.iter().cloned());
     let accel: &[&str] = if args.kvm {
@@ -223,13 +343,22 @@ fn report_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses and judges a results directory's saved guest output.
+/// Parses and judges a results directory's saved guest output, with the suites run on the host.
 fn load(dir: &Path) -> Result<(stream::Stream, Summary), String> {
     let read = |name: &str| fs::read(dir.join(name)).map(|b| String::from_utf8_lossy(&b).into_owned());
     let console = read("console.log").unwrap_or_default();
     let stream_text = read("stream.log").map_err(|e| format!("{}/stream.log: {e}", dir.display()))?;
     let stream = stream::parse(&stream_text);
-    let summary = verdict::judge(&stream, &console);
+    let mut summary = verdict::judge(&stream, &console);
+    // The suites run on the host before the guest, from their saved KTAP.
+    for name in read(HOST_SUITES)
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+    {
+        summary.add_host_suite(name, read(&format!("{name}.ktap")).ok().as_deref());
+    }
     Ok((stream, summary))
 }
 
@@ -357,6 +486,13 @@ fn main() -> ExitCode {
         Some("judge") if args.len() == 2 => judge_dir(Path::new(&args[1])).map(|s| s.ok),
         Some("report") if args.len() == 2 => report_dir(Path::new(&args[1])).map(|()| true),
         Some("regress") if args.len() == 3 => regress_dirs(Path::new(&args[1]), Path::new(&args[2])),
+        Some("compile-fail") => match parse_compile_fail(&args[1..]) {
+            Ok(cfg) => compile_fail_cmd(&cfg),
+            Err(e) => {
+                eprintln!("dmirror-bench: {e}");
+                return usage();
+            }
+        },
         _ => return usage(),
     };
     match result {

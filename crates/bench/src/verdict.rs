@@ -15,6 +15,8 @@ pub struct SuiteVerdict {
     pub name: String,
     /// Whether it gates the run.
     pub gated: bool,
+    /// Whether it ran on the host before the guest booted (the compile-fail suite).
+    pub host: bool,
     /// Whether it was meant to cause kernel reports.
     pub expect_findings: bool,
     /// Its exit status, if it finished.
@@ -66,6 +68,69 @@ impl Summary {
             .iter()
             .filter(|s| s.gated)
             .flat_map(|s| s.failures().map(move |t| (s.name.as_str(), t)))
+    }
+
+    /// Recounts the gated totals and the verdict from the suites.
+    fn total(&mut self) {
+        let mut gated = Totals::default();
+        for s in self.suites.iter().filter(|s| s.gated) {
+            gated.passed += s.passed;
+            gated.failed += s.failed;
+            gated.skipped += s.skipped;
+        }
+        self.gated = gated;
+        self.ok = self.done
+            && gated.failed == 0
+            && self.suites.iter().filter(|s| s.gated).all(SuiteVerdict::ok);
+    }
+
+    /// Adds a gated suite that ran on the host, such as `compile-fail`, from its KTAP, before
+    /// the guest's suites (after the host suites added before it), and recounts the verdict.
+    ///
+    /// `ktap_text` is `None` when the suite wrote no KTAP, which fails it. A failed test's note
+    /// is the diagnostic line `# <test>: <reason>` the suite printed for it.
+    pub fn add_host_suite(&mut self, name: &str, ktap_text: Option<&str>) {
+        let text = ktap_text.unwrap_or("");
+        let mut tests = ktap::parse(text).tests;
+        for t in tests
+            .iter_mut()
+            .filter(|t| t.outcome != Outcome::Pass && t.note.is_empty())
+        {
+            let prefix = format!("# {}: ", t.name);
+            if let Some(reason) = text
+                .lines()
+                .find_map(|l| l.trim_start().strip_prefix(&prefix))
+            {
+                t.note = reason.trim().to_string();
+            }
+        }
+        if tests.is_empty() {
+            let note = match ktap_text {
+                None => "the suite wrote no KTAP file".to_string(),
+                Some(_) => "the suite's KTAP holds no result".to_string(),
+            };
+            tests.push(synthetic("ktap output", false, note));
+        }
+        let passed = tests.iter().filter(|t| t.outcome == Outcome::Pass).count();
+        let skipped = tests.iter().filter(|t| t.outcome == Outcome::Skip).count();
+        let failed = tests.len() - passed - skipped;
+        let at = self.suites.iter().take_while(|s| s.host).count();
+        self.suites.insert(
+            at,
+            SuiteVerdict {
+                name: name.to_string(),
+                gated: true,
+                host: true,
+                expect_findings: false,
+                rc: None,
+                passed,
+                failed,
+                skipped,
+                tests,
+                findings: Vec::new(),
+            },
+        );
+        self.total();
     }
 }
 
@@ -155,6 +220,7 @@ pub fn judge(stream: &Stream, console: &str) -> Summary {
         suites.push(SuiteVerdict {
             name: s.name.clone(),
             gated: s.gated,
+            host: false,
             expect_findings: s.expect_findings,
             rc: s.rc,
             passed,
@@ -174,6 +240,7 @@ pub fn judge(stream: &Stream, console: &str) -> Summary {
         suites.push(SuiteVerdict {
             name: "bench".into(),
             gated: true,
+            host: false,
             expect_findings: false,
             rc: None,
             passed: 0,
@@ -183,21 +250,17 @@ pub fn judge(stream: &Stream, console: &str) -> Summary {
             findings,
         });
     }
-    let mut gated = Totals::default();
-    for s in suites.iter().filter(|s| s.gated) {
-        gated.passed += s.passed;
-        gated.failed += s.failed;
-        gated.skipped += s.skipped;
-    }
-    let ok = stream.done && gated.failed == 0 && suites.iter().filter(|s| s.gated).all(SuiteVerdict::ok);
-    Summary {
+    let mut summary = Summary {
         kernel: stream.kernel.clone(),
         done: stream.done,
         suites,
-        gated,
-        ok,
-    }
+        gated: Totals::default(),
+        ok: false,
+    };
+    summary.total();
+    summary
 }
+
 
 #[cfg(test)]
 mod tests {
@@ -271,4 +334,78 @@ mod tests {
         ));
         assert!(!s.ok);
     }
+
+    /// The gated totals of a run: passed, failed, skipped.
+    fn totals(s: &Summary) -> (usize, usize, usize) {
+        (s.gated.passed, s.gated.failed, s.gated.skipped)
+    }
+
+    /// The KTAP `dmirror-bench compile-fail` writes, one case passing and one failing.
+    const HOST_KTAP: &str = "KTAP version 1\n# compile-fail: each misuse must fail with its error code, each control must build\n1..2\nok 1 sample_arc_moved\n# sample_kvec_type: failed with E0308, expected E0599\nnot ok 2 sample_kvec_type\n";
+
+    const GREEN: &str = "@@DMIRROR BOOT 7.3.4\n@@DMIRROR DMESG boot\n[0] ok\n@@DMIRROR END boot rc=0\n@@DMIRROR BEGIN a gated=1 expect_findings=0\n1..1\nok 1 x\n@@DMIRROR DMESG a\n@@DMIRROR END a rc=0\n@@DMIRROR DONE\n";
+
+    #[test]
+    fn host_suite_is_merged_gated_and_first() {
+        let mut s = run(GREEN);
+        assert!(s.ok);
+        assert_eq!(totals(&s), (3, 0, 0));
+        s.add_host_suite("compile-fail", Some(HOST_KTAP));
+        let cf = &s.suites[0];
+        assert_eq!(
+            (cf.name.as_str(), cf.gated, cf.host),
+            ("compile-fail", true, true)
+        );
+        assert_eq!((cf.passed, cf.failed, cf.skipped), (1, 1, 0));
+        assert_eq!(cf.tests[1].note, "failed with E0308, expected E0599");
+        assert_eq!(totals(&s), (4, 1, 0));
+        assert!(!s.ok);
+        let failures: Vec<_> = s
+            .gated_failures()
+            .map(|(suite, t)| (suite, t.name.as_str()))
+            .collect();
+        assert_eq!(failures, [("compile-fail", "sample_kvec_type")]);
+        // A second host suite goes after the first, still before the guest's.
+        s.add_host_suite("other", Some("1..1\nok 1 y\n"));
+        let names: Vec<_> = s.suites.iter().map(|x| x.name.as_str()).collect();
+        assert_eq!(names, ["compile-fail", "other", "boot", "a"]);
+        assert_eq!(totals(&s), (5, 1, 0));
+    }
+
+    #[test]
+    fn green_host_suite_keeps_the_run_green() {
+        let mut s = run(GREEN);
+        s.add_host_suite("compile-fail", Some("1..2\nok 1 a\nok 2 b\n"));
+        assert!(s.ok);
+        assert_eq!(totals(&s), (5, 0, 0));
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["suites"][0]["name"], "compile-fail");
+        assert_eq!(json["suites"][0]["host"], true);
+        assert_eq!(json["suites"][0]["gated"], true);
+        assert_eq!(json["gated"]["passed"], 5);
+    }
+
+    #[test]
+    fn missing_or_cut_host_ktap_fails() {
+        let mut s = run(GREEN);
+        s.add_host_suite("compile-fail", None);
+        assert!(!s.ok);
+        assert_eq!(s.suites[0].tests[0].name, "ktap output");
+        assert_eq!(s.suites[0].tests[0].note, "the suite wrote no KTAP file");
+        let mut s = run(GREEN);
+        s.add_host_suite("compile-fail", Some("KTAP version 1\n1..2\nok 1 a\n"));
+        assert!(!s.ok);
+        assert_eq!((s.suites[0].passed, s.suites[0].failed), (1, 1));
+        let mut s = run(GREEN);
+        s.add_host_suite("compile-fail", Some(""));
+        assert!(!s.ok);
+    }
+
+    #[test]
+    fn host_suite_does_not_hide_an_unfinished_guest() {
+        let mut s = run(&GREEN.replace("@@DMIRROR DONE\n", ""));
+        s.add_host_suite("compile-fail", Some("1..1\nok 1 a\n"));
+        assert!(!s.ok);
+    }
+
 }
