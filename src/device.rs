@@ -18,13 +18,14 @@
 //! # Locking
 //!
 //! `Device::memory` (a mutex) is taken to find or add a chunk and never while a mirror lock is
-//! held. Each backing table is a spinlock, taken for lookups, updates and copies of a few pages
-//! at most (`folio_free` runs in atomic context); a page's backing is only dropped under it, so
-//! a folio found in the table stays alive while the lock is held. Eviction (RELEASE, last
-//! close, unload) takes the chunks out of the device under the mutex and drops them after
-//! releasing it, so it never waits under the mutex for a migration that needs it; a migration
-//! window waits for an eviction in progress before it allocates, holding no device page (see
-//! [`Device::allocator`]).
+//! held. Each backing table is a spinlock that disables interrupts (`folio_free` takes it, and
+//! runs wherever the last reference to a device page drops: in a bio completion or a socket
+//! buffer free, for coherent pages), taken for lookups, updates and copies of a few pages at
+//! most; a page's backing is only dropped under it, so a folio found in the table stays alive
+//! while the lock is held. Eviction (RELEASE, last close, unload) takes the chunks out of the
+//! device under the mutex and drops them after releasing it, so it never waits under the mutex
+//! for a migration that needs it; a migration window waits for an eviction in progress before it
+//! allocates, holding no device page (see [`Device::allocator`]).
 
 use core::{
     fmt,
@@ -33,17 +34,17 @@ use core::{
 use kernel::{
     alloc::flags::{__GFP_NOWARN, GFP_HIGHUSER, GFP_HIGHUSER_MOVABLE, GFP_KERNEL},
     mm::{
-        folio::Folio,
+        folio::{Folio, WritableFolio},
         memremap::{
             Census, DevPagemap, DeviceFault, DeviceFolio, DevicePagemapOps, FreedFolio,
-            PagemapOwner, SplitFolio, VmFaultCode, PMD_ORDER, SECTION_SIZE,
+            PagemapOwner, ReservedRam, SplitFolio, VmFaultCode, PMD_ORDER, SECTION_SIZE,
         },
         migrate::{LockedFolio, MigrateVma, OwnedFolio, Select},
     },
-    new_condvar, new_mutex, new_spinlock,
+    new_condvar, new_mutex, new_spinlock_irq,
     page::PAGE_SIZE,
     prelude::*,
-    sync::{Arc, CondVar, Mutex, MutexGuard, SpinLock, SpinLockGuard},
+    sync::{Arc, CondVar, Mutex, MutexGuard, SpinLockIrq, SpinLockIrqGuard},
 };
 
 /// Pages a CPU fault on a page table entry migrates back at most: the naturally aligned
@@ -75,7 +76,7 @@ pub(crate) struct Table {
 impl Table {
     /// Returns the folio holding the data of `page` and the page's byte offset in it, if the
     /// page is still allocated by the allocation that `page` names.
-    pub(crate) fn get(&self, page: &DevicePage) -> Option<(&Folio, usize)> {
+    pub(crate) fn get(&self, page: &DevicePage) -> Option<(&WritableFolio, usize)> {
         self.pages
             .get(page.index)?
             .as_ref()
@@ -94,7 +95,7 @@ impl Table {
 }
 
 /// A chunk slot's backing table.
-pub(crate) type BackingTable = SpinLock<Table>;
+pub(crate) type BackingTable = SpinLockIrq<Table>;
 
 /// A device-private page, named without a reference: the chunk slot of its table, its index
 /// there and the generation of its allocation. Its data is reachable through
@@ -127,7 +128,7 @@ pub(crate) enum Storage<'a> {
 
 /// An empty backing table.
 fn new_table() -> impl PinInit<BackingTable> {
-    new_spinlock!(
+    new_spinlock_irq!(
         Table {
             pages: KVVec::new(),
             gen: 0,
@@ -258,7 +259,11 @@ impl Chunk {
         if !self.coherent {
             return Self::copy_backing_page(&self.backing.lock(), index, dst);
         }
-        if dst.copy_page_from(0, src, page).is_err() {
+        // Coherent memory is memory the CPU addresses, so `as_cpu()` does not fail.
+        let copied = src
+            .as_cpu()
+            .map_or(Err(EINVAL), |src| dst.copy_page_from(0, src, page));
+        if copied.is_err() {
             // `dst` has a page 0, so this cannot fail.
             let _ = dst.zero_page(0);
         }
@@ -287,11 +292,16 @@ impl Chunk {
             return self.copy_page_to(index, src, first, dst);
         }
         if self.coherent {
-            if first == 0 && src.nr_pages() == nr && dst.copy_from(src).is_ok() {
+            // Coherent memory is memory the CPU addresses, so `as_cpu()` does not fail.
+            let src = src.as_cpu();
+            if first == 0
+                && src.is_some_and(|src| src.nr_pages() == nr && dst.copy_from(src).is_ok())
+            {
                 return;
             }
             for k in 0..nr {
-                if dst.copy_page_from(k, src, first + k).is_err() {
+                let copied = src.map_or(Err(EINVAL), |src| dst.copy_page_from(k, src, first + k));
+                if copied.is_err() {
                     // `k` is within `dst`, so this cannot fail.
                     let _ = dst.zero_page(k);
                 }
@@ -346,7 +356,7 @@ pub(crate) fn to_system(
     let mut pool: Option<KVec<LockedFolio>> = None;
     // Single pages of device-private memory are handed over or copied under their table's
     // lock, held for a run of pages of one chunk (at most `COPY_RUN` of them).
-    let mut held: Option<(&Chunk, SpinLockGuard<'_, Table>, usize)> = None;
+    let mut held: Option<(&Chunk, SpinLockIrqGuard<'_, Table>, usize)> = None;
     let mut i = 0;
     while i < mig.npages() {
         let span = mig.span(i);
@@ -420,10 +430,6 @@ pub(crate) fn to_system(
         if let Some(dst) = large {
             push(&mut dsts, i, dst)?;
             given += span;
-        } else if span > 1 && chunk.coherent {
-            // Page-by-page destinations would make the core split the device-coherent
-            // folio during the migration, which hangs on 7.3; the CPU reaches coherent
-            // memory where it is, so the folio stays on the device instead.
         } else {
             for k in 0..span {
                 let mut dst = alloc_system(0)?;
@@ -487,14 +493,7 @@ impl DevicePagemapOps for Chunk {
                 Select::DEVICE_PRIVATE,
             )
         };
-        let Ok(mut mig) = MigrateVma::setup(
-            fault.vma(),
-            start,
-            end,
-            self.owner.token(),
-            select,
-            Some(fault),
-        ) else {
+        let Ok(mut mig) = MigrateVma::setup_fault(fault, start, end, select) else {
             return VmFaultCode::SIGBUS;
         };
         if to_system(&mut mig, &self.owner, || false).is_err() {
@@ -560,11 +559,13 @@ impl Allocator<'_> {
         let data = Chunk::new(this, chunks.len())?;
         let chunk = match this.coherent {
             None => DevPagemap::new_private(data, &this.owner, CHUNK_SIZE, c"hmm_dmirror"),
-            Some((base, _)) => DevPagemap::new_coherent(
+            Some(range) => DevPagemap::new_coherent(
                 data,
                 &this.owner,
-                base + (chunks.len() * this.chunk_size) as u64,
-                this.chunk_size,
+                range.part(
+                    (chunks.len() * this.chunk_size) as u64,
+                    this.chunk_size as u64,
+                )?,
                 c"hmm_dmirror",
             ),
         }
@@ -594,7 +595,7 @@ pub(crate) struct Device {
     /// The device number (the N of `/dev/hmm_dmirrorN`).
     pub(crate) id: usize,
     /// For a device-coherent device: the reserved physical range its memory comes from.
-    coherent: Option<(u64, usize)>,
+    coherent: Option<ReservedRam>,
     /// The size of each chunk.
     chunk_size: usize,
     /// The `pgmap->owner` of all its chunks.
@@ -625,16 +626,17 @@ impl Device {
         Self::build(id, None, CHUNK_SIZE, max_chunks)
     }
 
-    /// Creates device-coherent device `id` on the reserved range `[base, base + size)`, which
-    /// the caller checked; its chunks are carved out of it in order, as needed.
-    pub(crate) fn new_coherent(id: usize, base: u64, size: usize) -> Result<Arc<Self>> {
+    /// Creates device-coherent device `id` on `range`; its chunks are carved out of it in
+    /// order, as needed.
+    pub(crate) fn new_coherent(id: usize, range: ReservedRam) -> Result<Arc<Self>> {
+        let size = usize::try_from(range.size()).map_err(|_| EINVAL)?;
         let chunk_size = size.min(CHUNK_SIZE);
-        Self::build(id, Some((base, size)), chunk_size, size / chunk_size)
+        Self::build(id, Some(range), chunk_size, size / chunk_size)
     }
 
     fn build(
         id: usize,
-        coherent: Option<(u64, usize)>,
+        coherent: Option<ReservedRam>,
         chunk_size: usize,
         max_chunks: usize,
     ) -> Result<Arc<Self>> {

@@ -14,7 +14,7 @@ mod uapi;
 
 use kernel::{
     miscdevice::{MiscDeviceOptions, MiscDeviceRegistration},
-    mm::memremap::{check_reserved_range, RangeError, SECTION_SIZE},
+    mm::memremap::{RangeError, ReservedRam, SECTION_SIZE},
     prelude::*,
 };
 
@@ -31,7 +31,7 @@ module! {
         },
         coherent0_base: u64 {
             default: 0,
-            description: "Physical base of the reserved range of /dev/hmm_dmirror2 (coherent)",
+            description: "Physical base of RAM set aside for /dev/hmm_dmirror2 (coherent) with memmap=SIZE$START, which nothing else may use",
         },
         coherent0_size: u64 {
             default: 0,
@@ -39,7 +39,7 @@ module! {
         },
         coherent1_base: u64 {
             default: 0,
-            description: "Physical base of the reserved range of /dev/hmm_dmirror3 (coherent)",
+            description: "Physical base of RAM set aside for /dev/hmm_dmirror3 (coherent) with memmap=SIZE$START, which nothing else may use",
         },
         coherent1_size: u64 {
             default: 0,
@@ -49,8 +49,8 @@ module! {
 }
 
 /// Checks the range of coherent device `n` (module parameters `coherentN_base/_size`): none,
-/// or a reserved, section-aligned range of real memory that is not System RAM.
-fn coherent_range(n: usize, base: u64, size: u64) -> Result<Option<(u64, usize)>> {
+/// or a section-aligned range of RAM set aside with `memmap=SIZE$START`.
+fn coherent_range(n: usize, base: u64, size: u64) -> Result<Option<ReservedRam>> {
     if base == 0 && size == 0 {
         return Ok(None);
     }
@@ -62,13 +62,18 @@ fn coherent_range(n: usize, base: u64, size: u64) -> Result<Option<(u64, usize)>
         );
         return Err(EINVAL);
     }
-    let why = match check_reserved_range(base, size) {
-        Ok(()) => return Ok(Some((base, usize::try_from(size).map_err(|_| EINVAL)?))),
+    // SAFETY: The `coherentN_base`/`coherentN_size` parameters name a range the administrator
+    // set aside for this module with `memmap=SIZE$START` (their descriptions say so), which
+    // nothing else uses; `check()` refuses the ranges that certainly are not such memory.
+    let why = match unsafe { ReservedRam::check(base, size) } {
+        Ok(range) => return Ok(Some(range)),
         Err(RangeError::Misaligned) => "is not aligned to the 128 MiB memory section size",
         Err(RangeError::Overflow) => "wraps around the physical address space",
         Err(RangeError::SystemRam) => "overlaps System RAM",
         Err(RangeError::NotReserved) => "is not a reserved range (memmap=SIZE$START)",
+        Err(RangeError::NotRam) => "is not RAM in the firmware's memory map (memmap=SIZE$START)",
         Err(RangeError::Busy) => "is in use",
+        Err(RangeError::OutOfRange) => "is out of range",
     };
     pr_err!(
         "coherent{n}_base={:#x} coherent{n}_size={:#x}: the range {}\n",
@@ -105,8 +110,8 @@ impl kernel::Module for Dmirror {
                 module_parameters::coherent1_size.value(),
             )?,
         ];
-        if let [Some((b0, s0)), Some((b1, s1))] = ranges {
-            if b0 < b1 + s1 as u64 && b1 < b0 + s0 as u64 {
+        if let [Some(r0), Some(r1)] = ranges {
+            if r0.start() < r1.start() + r1.size() && r1.start() < r0.start() + r0.size() {
                 pr_err!("the ranges of coherent0 and coherent1 overlap\n");
                 return Err(EINVAL);
             }
@@ -124,7 +129,7 @@ impl kernel::Module for Dmirror {
             let device = match id {
                 0 | 1 => device::Device::new(id, max_chunks as usize)?,
                 _ => match ranges[id - 2] {
-                    Some((base, size)) => device::Device::new_coherent(id, base, size)?,
+                    Some(range) => device::Device::new_coherent(id, range)?,
                     None => continue,
                 },
             };

@@ -10,7 +10,7 @@
 //! this device's private memory, the page's name in its device's backing tables, without a
 //! reference (see [`DevicePage`]): its data is reached there, under the table's lock, and only
 //! while the page is still the same allocation. Entries also say whether the CPU mapping was
-//! writable. They are added only under [`MmuIntervalNotifier::lock_if_valid`] after an HMM
+//! writable. They are added only under [`HmmRange::lock_if_valid`] after an HMM
 //! fault, or right after a migration this file made, and are removed by every invalidation of
 //! their range (but for this device's own migrations: see `Mirror`'s `invalidate`), so a device
 //! access never reaches a page that is no longer mapped there: an entry of a private page
@@ -33,18 +33,18 @@ use kernel::{
     fs::File,
     miscdevice::{MiscDevice, MiscDeviceRegistration},
     mm::{
-        folio::{Folio, FolioGuard},
-        hmm::{make_device_exclusive, FaultFlags, HmmRange},
+        folio::{CpuFolio, Folio, FolioGuard, WritableFolio},
+        hmm::{make_device_exclusive, FaultFlags, HmmRange, ValidGuard},
         memremap::{DevPagemap, DeviceFolio, PagemapOwner, PMD_ORDER},
         migrate::{LockedFolio, MigrateVma, Select, COMPOUND_PAGES},
         mmu_notifier::{MmuIntervalNotifier, MmuIntervalNotifierOps, NotifierEvent, NotifierRange},
-        virt::{VmaNew, VmaRef},
-        Mm, MmWithUser,
+        virt::VmaNew,
+        Mm, MmWithUser, MmapReadGuard,
     },
     page::{Page, PAGE_SIZE},
     prelude::*,
     rbtree::{RBTree, RBTreeNodeReservation},
-    sync::{aref::ARef, Arc, SpinLockGuard},
+    sync::{aref::ARef, Arc, SpinLockIrqGuard},
     time::{Delta, Instant, Monotonic},
     uaccess::{UserPtr, UserSlice},
 };
@@ -94,9 +94,12 @@ struct Entry {
 
 /// Where a mirrored page's data is.
 enum Data {
-    /// System memory or coherent device memory: the folio holding the page, and the page's
-    /// byte offset in it (a large folio maps many addresses).
-    Folio(ARef<Folio>, usize),
+    /// System memory or coherent device memory the page table maps read-only (or this device
+    /// took exclusive access to): the folio holding the page, and the page's byte offset in it
+    /// (a large folio maps many addresses).
+    Folio(ARef<CpuFolio>, usize),
+    /// The same, mapped writable: the device may write it.
+    Writable(ARef<WritableFolio>, usize),
     /// A page of this device's private memory: its data is in its backing, found in the
     /// device's table while the page is the allocation named. Once the page is freed (it was
     /// migrated away, or the memory evicted) the entry is stale and reads as not mirrored.
@@ -108,7 +111,7 @@ enum Data {
 /// only dropped under its table's lock.
 struct Tables<'a> {
     device: &'a Device,
-    held: Option<(usize, SpinLockGuard<'a, Table>)>,
+    held: Option<(usize, SpinLockIrqGuard<'a, Table>)>,
 }
 
 impl<'a> Tables<'a> {
@@ -118,18 +121,36 @@ impl<'a> Tables<'a> {
 
     /// Returns the folio holding the data of `entry` and the page's byte offset in it; `None`
     /// for a stale entry. Locks the page's table (if it is not the one held already).
-    fn find<'b>(&'b mut self, entry: &'b Entry) -> Option<(&'b Folio, usize)> {
+    fn find<'b>(&'b mut self, entry: &'b Entry) -> Option<(&'b CpuFolio, usize)> {
         match &entry.data {
             Data::Folio(folio, offset) => Some((folio, *offset)),
-            Data::Device(page) => {
-                if self.held.as_ref().is_none_or(|(slot, _)| *slot != page.slot) {
-                    // The guard of another table goes first: same lock class.
-                    self.held = None;
-                    self.held = Some((page.slot, self.device.table(page.slot)?.lock()));
-                }
-                self.held.as_ref()?.1.get(page)
-            }
+            Data::Writable(folio, offset) => Some((folio, *offset)),
+            Data::Device(page) => self.backing(page).map(|(f, o)| (&**f, o)),
         }
+    }
+
+    /// Like [`Tables::find`], for an entry the device may write: `None` for a read-only one.
+    fn find_writable<'b>(&'b mut self, entry: &'b Entry) -> Option<(&'b WritableFolio, usize)> {
+        match &entry.data {
+            Data::Folio(..) => None,
+            Data::Writable(folio, offset) => Some((folio, *offset)),
+            Data::Device(page) => self.backing(page),
+        }
+    }
+
+    /// Returns the backing of this device's `page` and the page's offset in it, if the page is
+    /// still the allocation named, under its table's lock.
+    fn backing<'b>(&'b mut self, page: &DevicePage) -> Option<(&'b WritableFolio, usize)> {
+        if self
+            .held
+            .as_ref()
+            .is_none_or(|(slot, _)| *slot != page.slot)
+        {
+            // The guard of another table goes first: same lock class.
+            self.held = None;
+            self.held = Some((page.slot, self.device.table(page.slot)?.lock()));
+        }
+        self.held.as_ref()?.1.get(page)
     }
 
     /// Releases the lock held, if any: called at least once a leaf.
@@ -325,17 +346,17 @@ impl Bounce {
 
 /// A locked folio a migration fills: a backing system folio or a coherent device folio.
 trait Sink {
-    fn copy_from(&mut self, src: &Folio) -> Result;
-    fn copy_page_from(&mut self, n: usize, src: &Folio, m: usize) -> Result;
+    fn copy_from(&mut self, src: &CpuFolio) -> Result;
+    fn copy_page_from(&mut self, n: usize, src: &CpuFolio, m: usize) -> Result;
     fn zero(&mut self) -> Result;
 }
 
 impl Sink for LockedFolio {
-    fn copy_from(&mut self, src: &Folio) -> Result {
+    fn copy_from(&mut self, src: &CpuFolio) -> Result {
         LockedFolio::copy_from(self, src)
     }
 
-    fn copy_page_from(&mut self, n: usize, src: &Folio, m: usize) -> Result {
+    fn copy_page_from(&mut self, n: usize, src: &CpuFolio, m: usize) -> Result {
         LockedFolio::copy_page_from(self, n, src, m)
     }
 
@@ -346,11 +367,11 @@ impl Sink for LockedFolio {
 }
 
 impl Sink for DeviceFolio<'_, Chunk> {
-    fn copy_from(&mut self, src: &Folio) -> Result {
+    fn copy_from(&mut self, src: &CpuFolio) -> Result {
         DeviceFolio::copy_from(self, src)
     }
 
-    fn copy_page_from(&mut self, n: usize, src: &Folio, m: usize) -> Result {
+    fn copy_page_from(&mut self, n: usize, src: &CpuFolio, m: usize) -> Result {
         DeviceFolio::copy_page_from(self, n, src, m)
     }
 
@@ -360,9 +381,14 @@ impl Sink for DeviceFolio<'_, Chunk> {
 }
 
 /// Copies the source data of migration entries `[i, i + n)` into `dst`, a folio of `n` pages;
-/// holes read as zeroes.
+/// holes read as zeroes. The sources are system memory (MIGRATE_TO_DEV selects nothing else):
+/// `EINVAL` for one the CPU cannot address.
 fn copy_source(mig: &MigrateVma<'_>, i: usize, n: usize, dst: &mut impl Sink) -> Result {
-    match mig.source(i) {
+    let source = match mig.source(i) {
+        Some((folio, first)) => Some((folio.as_cpu().ok_or(EINVAL)?, first)),
+        None => None,
+    };
+    match source {
         Some((src, 0)) if src.nr_pages() == n => dst.copy_from(src),
         Some((src, first)) => {
             for k in 0..n {
@@ -390,20 +416,36 @@ impl DmirrorFile {
                 != 0
     }
 
-    /// Maps a faulted folio to the folio holding its data: itself, or the backing of one of
-    /// this device's pages.
-    fn data_folio(&self, folio: ARef<Folio>, pfn: usize, write: bool) -> Option<Entry> {
+    /// The mirror entry of page `i` of a faulted range: the folio holding its data (itself,
+    /// writable if the page table maps it so, or read-only), or the name of one of this
+    /// device's pages; `None` for a page that is neither.
+    fn mirror_entry(
+        &self,
+        range: &HmmRange<'_, Mirror>,
+        i: usize,
+        valid: &ValidGuard<'_, Mirror>,
+    ) -> Option<Entry> {
+        let pfn = range.pfns().get(i)?;
+        let offset = |folio: &Folio| (pfn.pfn() - folio.pfn()) * PAGE_SIZE;
         // System memory and coherent device memory hold their data themselves.
-        let data = if !folio.is_zone_device() || folio.is_device_coherent() {
-            let offset = (pfn - folio.pfn()) * PAGE_SIZE;
+        let data = if let Some(folio) = range.writable_folio(i, valid) {
+            let offset = offset(&folio);
+            Data::Writable(folio, offset)
+        } else if let Some(folio) = range.cpu_folio(i, valid) {
+            let offset = offset(&folio);
             Data::Folio(folio, offset)
         } else {
+            let folio = range.folio(i, valid)?;
             let (chunk, index) = DevPagemap::<Chunk>::of_folio(&folio, &self.device.owner)?;
-            Data::Device(chunk.data().device_page(index + (pfn - folio.pfn()))?)
+            Data::Device(
+                chunk
+                    .data()
+                    .device_page(index + offset(&folio) / PAGE_SIZE)?,
+            )
         };
         Some(Entry {
             data,
-            write,
+            write: pfn.is_writable(),
             atomic: false,
         })
     }
@@ -444,15 +486,15 @@ impl DmirrorFile {
         // This device's own pages are reported, not faulted; but a write to one that is
         // mapped read-only (shared copy-on-write after fork) needs the CPU's write fault, so
         // that window is faulted again as any other memory, which brings the page back.
-        let mut owner = self.device.owner.token();
+        let mut owner = Some(&*self.device.owner);
         loop {
             if started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
                 return Err(EBUSY);
             }
-            let seq = self.mirror.read_begin();
             let range = if unlocked {
-                HmmRange::fault_unlocked(&self.mirror, seq, start, n, flags, owner, 0)
+                HmmRange::fault_unlocked(&self.mirror, mm, start, n, flags, owner, 0)
             } else {
+                let seq = self.mirror.read_begin();
                 let mmap = mm.mmap_read_lock();
                 HmmRange::fault(&self.mirror, &mmap, seq, start, n, flags, owner)
             };
@@ -463,12 +505,12 @@ impl DmirrorFile {
             // Allocated before the mirror lock: reclaim invalidates, which takes that lock.
             let first = start / PAGE_SIZE;
             let mut room = Room::new(first, first + n)?;
-            let mut folios = KVec::with_capacity(n, GFP_KERNEL)?;
-            let Some(mut mirror) = range.lock_if_valid(&self.mirror) else {
+            let mut entries = KVec::with_capacity(n, GFP_KERNEL)?;
+            let Some(valid) = range.lock_if_valid() else {
                 continue;
             };
-            if write && !owner.is_null() && range.pfns().iter().any(|p| !p.is_writable()) {
-                owner = core::ptr::null_mut();
+            if write && owner.is_some() && range.pfns().iter().any(|p| !p.is_writable()) {
+                owner = None;
                 continue;
             }
             for (i, pfn) in range.pfns().iter().enumerate() {
@@ -478,13 +520,11 @@ impl DmirrorFile {
                 if write && !pfn.is_writable() {
                     return Err(EPERM);
                 }
-                let folio = range.folio(i, &mirror).ok_or(EFAULT)?;
-                folios
-                    .push_within_capacity((folio, pfn.pfn(), pfn.is_writable()))
-                    .map_err(|_| ENOMEM)?;
+                let entry = self.mirror_entry(&range, i, &valid).ok_or(EFAULT)?;
+                entries.push_within_capacity(entry).map_err(|_| ENOMEM)?;
             }
-            for (i, (folio, pfn, writable)) in folios.into_iter().enumerate() {
-                let entry = self.data_folio(folio, pfn, writable).ok_or(EFAULT)?;
+            let mut mirror = valid;
+            for (i, entry) in entries.into_iter().enumerate() {
                 mirror.insert(first + i, entry, &mut room)?;
             }
             return Ok(());
@@ -512,7 +552,7 @@ impl DmirrorFile {
         addr: usize,
         first: usize,
         end: usize,
-        mut f: impl FnMut(usize, &Folio, usize) -> Result<bool>,
+        mut f: impl FnMut(usize, &CpuFolio, usize) -> Result<bool>,
     ) -> Result<usize> {
         let mirror = self.mirror.lock();
         let mut tables = Tables::new(&self.device);
@@ -637,7 +677,7 @@ impl DmirrorFile {
         addr: usize,
         first: usize,
         end: usize,
-        mut f: impl FnMut(usize, &mut FolioGuard<'_>, usize) -> bool,
+        mut f: impl FnMut(usize, &mut FolioGuard<'_, WritableFolio>, usize) -> bool,
     ) -> usize {
         let mirror = self.mirror.lock();
         let mut tables = Tables::new(&self.device);
@@ -649,7 +689,7 @@ impl DmirrorFile {
             let Some((folio, offset)) = mirror
                 .get(base + i)
                 .filter(|e| e.write && !e.atomic)
-                .and_then(|entry| tables.find(entry))
+                .and_then(|entry| tables.find_writable(entry))
             else {
                 return i;
             };
@@ -670,7 +710,7 @@ impl DmirrorFile {
         mm: &MmWithUser,
         addr: usize,
         npages: usize,
-        mut f: impl FnMut(&VmaRef, usize, usize) -> Result,
+        mut f: impl FnMut(&MmapReadGuard<'_>, usize, usize) -> Result,
     ) -> Result {
         let end = addr + npages * PAGE_SIZE;
         let mmap = mm.mmap_read_lock();
@@ -684,7 +724,7 @@ impl DmirrorFile {
             let next = ((start / MIGRATE_WINDOW_SIZE + 1) * MIGRATE_WINDOW_SIZE)
                 .min(end)
                 .min(vma.end());
-            f(vma, start, next)?;
+            f(&mmap, start, next)?;
             start = next;
         }
         Ok(())
@@ -749,7 +789,7 @@ impl DmirrorFile {
     fn migrate_to_dev(&self, cmd: &mut Cmd) -> Result {
         let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
         let mm = self.mm_user(EINVAL)?;
-        self.for_each_window(&mm, addr, npages, |vma, start, next| {
+        self.for_each_window(&mm, addr, npages, |mmap, start, next| {
             let _ioctl = IoctlMigration::new(&self.mirror);
             // The migration ignores its own invalidation: drop the entries of system pages,
             // which it replaces (their references would also make the pages look pinned), and
@@ -759,16 +799,16 @@ impl DmirrorFile {
                 .lock()
                 .remove(start / PAGE_SIZE, next / PAGE_SIZE, |e| match &e.data {
                     Data::Folio(folio, _) => !folio.is_zone_device(),
+                    Data::Writable(folio, _) => !folio.is_zone_device(),
                     Data::Device(_) => tables.find(e).is_none(),
                 });
             drop(tables);
             let mut mig = MigrateVma::setup(
-                vma,
+                mmap,
                 start,
                 next,
-                self.device.owner.token(),
+                Some(&*self.device.owner),
                 Select::SYSTEM | Select::COMPOUND,
-                None,
             )?;
             let wanted = |i: usize| {
                 mig.src(i).is_migrate() && mig.src_folio(i).is_none_or(|f| !f.is_zone_device())
@@ -865,7 +905,7 @@ impl DmirrorFile {
                 copy_source(mig, i, n, &mut folio)?;
                 for k in 0..n {
                     let entry = Entry {
-                        data: Data::Folio(ARef::from(&*folio), k * PAGE_SIZE),
+                        data: Data::Writable(folio.cpu_ref().ok_or(EINVAL)?, k * PAGE_SIZE),
                         write,
                         atomic: false,
                     };
@@ -880,7 +920,7 @@ impl DmirrorFile {
         let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
         let mm = self.mm_user(EINVAL)?;
         let mut migrated = 0;
-        self.for_each_window(&mm, addr, npages, |vma, start, next| {
+        self.for_each_window(&mm, addr, npages, |mmap, start, next| {
             let _ioctl = IoctlMigration::new(&self.mirror);
             // The migration ignores its own invalidation. Entries of coherent pages hold
             // references, which would make the pages look pinned: they go, before and after
@@ -894,12 +934,11 @@ impl DmirrorFile {
                     .remove(start / PAGE_SIZE, next / PAGE_SIZE, |_| true);
             }
             let mut mig = MigrateVma::setup(
-                vma,
+                mmap,
                 start,
                 next,
-                self.device.owner.token(),
+                Some(&*self.device.owner),
                 self.device.select() | Select::COMPOUND,
-                None,
             )?;
             let given = to_system(&mut mig, &self.device.owner, || self.take_fail_alloc())?;
             let mig = mig.pages();
@@ -923,7 +962,7 @@ impl DmirrorFile {
         let (addr, npages) = (cmd.addr as usize, cmd.npages as usize);
         let mm = self.mm_user(EINVAL)?;
         let mut out = UserSlice::new(UserPtr::from_addr(cmd.ptr as usize), npages).writer();
-        let owner = self.device.owner.token();
+        let owner = Some(&*self.device.owner);
         let mut done = 0;
         while done < npages {
             let n = (npages - done).min(FAULT_WINDOW);
@@ -947,7 +986,7 @@ impl DmirrorFile {
                     Err(e) if e == EBUSY => continue,
                     r => r?,
                 };
-                let Some(valid) = range.lock_if_valid(&notifier) else {
+                let Some(valid) = range.lock_if_valid() else {
                     continue;
                 };
                 for (i, pfn) in range.pfns().iter().enumerate() {
@@ -1008,7 +1047,7 @@ impl DmirrorFile {
                 // Taking exclusive access invalidated the page with no owner, which removed its
                 // entry; the new one marks it exclusive.
                 let entry = Entry {
-                    data: Data::Folio(folio, offset),
+                    data: Data::Folio(CpuFolio::try_from_folio(folio).map_err(|_| EINVAL)?, offset),
                     write: true,
                     atomic: true,
                 };

@@ -4,7 +4,9 @@
 
 use crate::dax::{map_shared, open_rw, probe_at, probe_pfn, with_devdax};
 use crate::harness::{Case, Ctx, Fail, Fixture, Variant, R};
-use crate::hmm::{fill, local_prot, verify, Dev, Map, Pipe, PAGE, PROT_DEV_MASK, THP};
+use crate::hmm::{
+    fill, local_prot, verify, Dev, Map, Pipe, PAGE, PROT_DEV_MASK, PROT_PMD, THP, THP_PAGES,
+};
 use crate::inspect::{settled, stats};
 use crate::{diag, ensure, ensure_eq};
 
@@ -20,6 +22,13 @@ pub const CASES: &[Case] = &[
         fixture: Fixture::DevDax,
         timeout: 120,
         run: devdax_free_page_refcount_zero,
+    },
+    // Last: on the stock kernel it oopses in the split.
+    Case {
+        name: "split_coherent_thp_keeps_pgmap",
+        fixture: Fixture::Module,
+        timeout: 120,
+        run: split_coherent_thp_keeps_pgmap,
     },
 ];
 
@@ -97,3 +106,52 @@ fn devdax_free_page_refcount_zero(ctx: &Ctx) -> R {
     })
 }
 
+
+/// A large device-coherent folio that the core splits keeps its pages linked to their pagemap.
+/// Splitting clears, in each folio split off, the word that `folio->pgmap` shares, and stock 7.3
+/// gives it back for device-private folios only: the first user of a split coherent page's
+/// pgmap (the split's own remapping, the driver's eviction, the final free) dereferences NULL.
+/// The split comes from debugfs's `split_huge_pages`, as the deferred-split shrinker's would
+/// after a partial `munmap()`.
+fn split_coherent_thp_keeps_pgmap(ctx: &Ctx) -> R {
+    let v = Variant::Coherent;
+    let path = format!("/dev/{}", v.device());
+    if !std::path::Path::new(&path).exists() {
+        return Err(Fail::Skip(format!("{path} missing: no coherent range given")));
+    }
+    // The file that migrates keeps references to the device pages in its mirror, and the core
+    // does not split a folio with references it cannot account for: it is closed before the
+    // split, and a second open file keeps the device memory (the last close evicts it).
+    let keep = Dev::open(&path)?;
+    let dev = Dev::open(&path)?;
+    let map = Map::thp(THP)?;
+    let seed = ctx.config.seed ^ 0x5b17;
+    fill(map.bytes(), seed);
+    ensure_eq!(dev.to_dev(map.addr, THP_PAGES)?, THP_PAGES as u64, "pages migrated to the device");
+    let s = dev.snapshot(map.addr, 1)?[0];
+    ensure!(
+        s & PROT_PMD != 0 && s & PROT_DEV_MASK == local_prot(true),
+        "not a coherent huge page mapped by a PMD: snapshot {s:#x}"
+    );
+    drop(dev);
+    ensure_eq!(settled(v, THP_PAGES as u64)?.get("large_folios"), 1, "device THPs before the split");
+
+    let request = format!("{},{:#x},{:#x}", std::process::id(), map.addr, map.addr + THP);
+    std::fs::write("/sys/kernel/debug/split_huge_pages", &request)
+        .map_err(|e| Fail::Fail(format!("split_huge_pages {request}: {e}")))?;
+    let s = keep.snapshot(map.addr, 1)?[0];
+    diag!("after the split: snapshot {s:#x}");
+    ensure!(
+        s & PROT_PMD == 0 && s & PROT_DEV_MASK == local_prot(true),
+        "the huge page was not split in place: snapshot {s:#x}"
+    );
+    // `settled` also counts allocated folios that do not point at their pagemap.
+    let after = settled(v, THP_PAGES as u64)?;
+    ensure_eq!(after.get("large_folios"), 0, "device THPs after the split");
+    verify(map.bytes(), seed, "the split pages, read by the CPU")?;
+
+    // The last close evicts the device's memory: every split page comes back.
+    drop(keep);
+    settled(v, 0)?;
+    verify(map.bytes(), seed, "the pages evicted to system memory")
+}

@@ -1,0 +1,33 @@
+// SPDX-License-Identifier: GPL-2.0
+// expect: E0599
+
+//! Locking a `DeviceFolio` that already holds its folio's lock (it would wait for ever).
+
+use kernel::prelude::*;
+
+module! {
+    type: Case,
+    name: "device_folio_relock",
+    authors: ["dmirror developers"],
+    description: "A compile-fail case of the dmirror series",
+    license: "GPL",
+}
+
+/// The case's (empty) module state.
+struct Case;
+
+impl kernel::Module for Case {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        Ok(Case)
+    }
+}
+
+use kernel::mm::memremap::{DevPagemap, DevicePagemapOps};
+
+/// Locks a device folio that `alloc()` returned locked.
+pub fn misuse<T: DevicePagemapOps>(pm: &DevPagemap<T>) -> Result<usize> {
+    let folio = pm.alloc(0)?;
+    #[cfg(dmirror_compile_fail)]
+    let _guard = folio.lock();
+    Ok(folio.nr_pages())
+}

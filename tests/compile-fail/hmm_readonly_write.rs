@@ -1,0 +1,36 @@
+// SPDX-License-Identifier: GPL-2.0
+// expect: E0599
+
+//! Writing a page an HMM fault found mapped read-only (the shared zero page, a file mapped read-only): only a writable entry gives a `WritableFolio`.
+
+use kernel::prelude::*;
+
+module! {
+    type: Case,
+    name: "hmm_readonly_write",
+    authors: ["dmirror developers"],
+    description: "A compile-fail case of the dmirror series",
+    license: "GPL",
+}
+
+/// The case's (empty) module state.
+struct Case;
+
+impl kernel::Module for Case {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        Ok(Case)
+    }
+}
+
+use kernel::mm::{hmm::HmmRange, mmu_notifier::MmuIntervalNotifierOps};
+
+/// Writes the page of entry 0 of a range on the process's behalf.
+pub fn misuse<T: MmuIntervalNotifierOps>(range: &HmmRange<'_, T>) -> Result {
+    let valid = range.lock_if_valid().ok_or(EBUSY)?;
+    #[cfg(dmirror_compile_fail)]
+    let folio = range.cpu_folio(0, &valid).ok_or(EFAULT)?;
+    #[cfg(not(dmirror_compile_fail))]
+    let folio = range.writable_folio(0, &valid).ok_or(EFAULT)?;
+    let mut guard = folio.lock();
+    guard.write(0, b"dmirror")
+}

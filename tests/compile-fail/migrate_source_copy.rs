@@ -1,0 +1,34 @@
+// SPDX-License-Identifier: GPL-2.0
+// expect: E0308
+
+//! Copying the source of a migration to system memory, which may be device-private, with `LockedFolio::copy_from`: what a `migrate_to_ram` handler would write first.
+
+use kernel::prelude::*;
+
+module! {
+    type: Case,
+    name: "migrate_source_copy",
+    authors: ["dmirror developers"],
+    description: "A compile-fail case of the dmirror series",
+    license: "GPL",
+}
+
+/// The case's (empty) module state.
+struct Case;
+
+impl kernel::Module for Case {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        Ok(Case)
+    }
+}
+
+use kernel::mm::migrate::{LockedFolio, MigrateVma};
+
+/// Fills a destination from the source of entry `i`.
+pub fn misuse(mig: &MigrateVma<'_>, i: usize, dst: &mut LockedFolio) -> Result {
+    let (src, _page) = mig.source(i).ok_or(EINVAL)?;
+    #[cfg(dmirror_compile_fail)]
+    return dst.copy_from(src);
+    #[cfg(not(dmirror_compile_fail))]
+    return dst.copy_from(src.as_cpu().ok_or(EINVAL)?);
+}
