@@ -380,6 +380,12 @@ impl Sink for DeviceFolio<'_, Chunk> {
     }
 }
 
+/// Whether a migration source is anonymous system memory: what moves to device memory (the
+/// core leaves page cache folios where they are, so they are not copied either).
+fn is_anon_system(folio: &Folio) -> bool {
+    !folio.is_zone_device() && folio.is_anon_or_device()
+}
+
 /// Copies the source data of migration entries `[i, i + n)` into `dst`, a folio of `n` pages;
 /// holes read as zeroes. The sources are system memory (MIGRATE_TO_DEV selects nothing else):
 /// `EINVAL` for one the CPU cannot address.
@@ -811,7 +817,7 @@ impl DmirrorFile {
                 Select::SYSTEM | Select::COMPOUND,
             )?;
             let wanted = |i: usize| {
-                mig.src(i).is_migrate() && mig.src_folio(i).is_none_or(|f| !f.is_zone_device())
+                mig.src(i).is_migrate() && mig.src_folio(i).is_none_or(is_anon_system)
             };
             let npages_wanted: usize = (0..mig.npages())
                 .filter(|&i| wanted(i))
@@ -850,7 +856,7 @@ impl DmirrorFile {
         let mut i = 0;
         while i < mig.npages() {
             let span = mig.span(i);
-            let system = mig.src_folio(i).is_none_or(|f| !f.is_zone_device());
+            let system = mig.src_folio(i).is_none_or(is_anon_system);
             if !mig.src(i).is_migrate() || !system {
                 i += span;
                 continue;
@@ -1041,17 +1047,20 @@ impl DmirrorFile {
             let mmap = mm.mmap_read_lock();
             for i in 0..npages {
                 let page_addr = addr + i * PAGE_SIZE;
-                let (folio, offset) = make_device_exclusive::<Chunk>(&mmap, page_addr, None)?;
                 let page = page_addr / PAGE_SIZE;
                 let mut room = Room::new(page, page + 1)?;
+                let exclusive = make_device_exclusive::<Chunk>(&mmap, page_addr, None)?;
                 // Taking exclusive access invalidated the page with no owner, which removed its
-                // entry; the new one marks it exclusive.
+                // entry; the new one marks it exclusive. It is recorded before the folio is
+                // unlocked (`exclusive` drops): a CPU access that ends the exclusive access
+                // waits for the lock, and its invalidation then removes the entry.
                 let entry = Entry {
-                    data: Data::Folio(CpuFolio::try_from_folio(folio).map_err(|_| EINVAL)?, offset),
+                    data: Data::Folio(exclusive.folio().clone(), exclusive.offset()),
                     write: true,
                     atomic: true,
                 };
                 self.mirror.lock().insert(page, entry, &mut room)?;
+                drop(exclusive);
             }
         }
         self.read_back(cmd)

@@ -5,23 +5,6 @@
 
 use kernel::prelude::*;
 
-module! {
-    type: Case,
-    name: "coherent_range_unchecked",
-    authors: ["dmirror developers"],
-    description: "A compile-fail case of the dmirror series",
-    license: "GPL",
-}
-
-/// The case's (empty) module state.
-struct Case;
-
-impl kernel::Module for Case {
-    fn init(_module: &'static ThisModule) -> Result<Self> {
-        Ok(Case)
-    }
-}
-
 use kernel::mm::memremap::{RangeError, ReservedRam};
 
 /// Takes `[start, start + size)` as memory for a coherent device.

@@ -5,23 +5,6 @@
 
 use kernel::prelude::*;
 
-module! {
-    type: Case,
-    name: "device_folio_read",
-    authors: ["dmirror developers"],
-    description: "A compile-fail case of the dmirror series",
-    license: "GPL",
-}
-
-/// The case's (empty) module state.
-struct Case;
-
-impl kernel::Module for Case {
-    fn init(_module: &'static ThisModule) -> Result<Self> {
-        Ok(Case)
-    }
-}
-
 use kernel::mm::memremap::{DevPagemap, DevicePagemapOps};
 
 /// Reads a freshly allocated device folio, which may be device-private memory.

@@ -5,23 +5,6 @@
 
 use kernel::prelude::*;
 
-module! {
-    type: Case,
-    name: "hmm_readonly_write",
-    authors: ["dmirror developers"],
-    description: "A compile-fail case of the dmirror series",
-    license: "GPL",
-}
-
-/// The case's (empty) module state.
-struct Case;
-
-impl kernel::Module for Case {
-    fn init(_module: &'static ThisModule) -> Result<Self> {
-        Ok(Case)
-    }
-}
-
 use kernel::mm::{hmm::HmmRange, mmu_notifier::MmuIntervalNotifierOps};
 
 /// Writes the page of entry 0 of a range on the process's behalf.

@@ -461,11 +461,31 @@ fn list_cases(dir: &Path) -> Result<Vec<Case>, String> {
     Ok(cases)
 }
 
+/// The crate root of a case: its source, with the module around it appended (after its inner
+/// doc comment and items, so its line numbers stay as they are) unless it has its own
+/// `module!`.
+pub fn case_root(name: &str, source: &str) -> String {
+    if source.contains("module!") {
+        return source.to_string();
+    }
+    format!(
+        "{source}\n// The module around the case, added by dmirror-bench compile-fail.\n\
+         ::kernel::prelude::module! {{\n    type: CompileFailCase,\n    name: \"{name}\",\n    \
+         authors: [\"dmirror developers\"],\n    \
+         description: \"A compile-fail case of the dmirror series\",\n    license: \"GPL\",\n}}\n\n\
+         /// The case's (empty) module state.\nstruct CompileFailCase;\n\n\
+         impl ::kernel::Module for CompileFailCase {{\n    \
+         fn init(_module: &'static ::kernel::ThisModule) -> ::kernel::error::Result<Self> {{\n        \
+         Ok(CompileFailCase)\n    }}\n}}\n"
+    )
+}
+
 /// Sets up a fresh build directory for one build of a case.
 fn prepare(case: &Case, dir: &Path, misuse: bool) -> Result<(), String> {
     let err = |e: std::io::Error| format!("{}: {e}", dir.display());
     fs::create_dir_all(dir).map_err(err)?;
-    fs::copy(&case.source, dir.join(format!("{}.rs", case.name))).map_err(err)?;
+    let source = fs::read_to_string(&case.source).map_err(err)?;
+    fs::write(dir.join(format!("{}.rs", case.name)), case_root(&case.name, &source)).map_err(err)?;
     fs::write(dir.join("Kbuild"), kbuild(&case.name, misuse)).map_err(err)?;
     Ok(())
 }
@@ -704,6 +724,17 @@ make[1]: Leaving directory '/var/cache/dmirror/build-default'
         assert!(parse_header("// expect: E0599\n// expect: E0308\n").is_err());
         assert!(parse_header("// expect-msg: x\n").is_err(), "no code");
         assert!(parse_header("// expect: E0599\n// expect-msg:\n").is_err());
+    }
+
+    #[test]
+    fn case_root_adds_the_module_unless_there_is_one() {
+        let case = "// expect: E0308\n//! A case.\nuse kernel::prelude::*;\npub fn f() {}\n";
+        let root = case_root("my_case", case);
+        assert!(root.starts_with(case), "the case's lines keep their numbers");
+        assert!(root.contains("name: \"my_case\""));
+        assert_eq!(root.matches("module!").count(), 1);
+        let own = "// expect: E0308\nmodule! { type: M, name: \"x\", license: \"GPL\", }\n";
+        assert_eq!(case_root("x", own), own);
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub const CASES: &[Case] = &[
         timeout: 120,
         run: devdax_free_page_refcount_zero,
     },
-    // Last: on the stock kernel it oopses in the split.
+    // Last, and skipped on the stock kernel, where the split oopses and hangs the guest.
     Case {
         name: "split_coherent_thp_keeps_pgmap",
         fixture: Fixture::Module,
@@ -113,7 +113,20 @@ fn devdax_free_page_refcount_zero(ctx: &Ctx) -> R {
 /// pgmap (the split's own remapping, the driver's eviction, the final free) dereferences NULL.
 /// The split comes from debugfs's `split_huge_pages`, as the deferred-split shrinker's would
 /// after a partial `munmap()`.
+///
+/// On the stock kernel the split oopses before the pgmap matters, in `lru_add_split_folio()`
+/// (series patch 15), with interrupts off and the LRU lock held, and the guest hangs: the case
+/// says SKIP there (the regression table shows it as not shown) instead of taking the stock run
+/// down; running it by hand on that kernel shows the Oops.
 fn split_coherent_thp_keeps_pgmap(ctx: &Ctx) -> R {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if cmdline.split_whitespace().any(|w| w == "dmirror.plan=stock") {
+        return Err(Fail::Skip(
+            "the stock kernel oopses in lru_add_split_folio() splitting a coherent THP (series \
+             patch 15) and hangs with the LRU lock held"
+                .into(),
+        ));
+    }
     let v = Variant::Coherent;
     let path = format!("/dev/{}", v.device());
     if !std::path::Path::new(&path).exists() {
