@@ -957,11 +957,11 @@ fn coherent_last_ref_in_irq(ctx: &Ctx) -> R {
     settled(v, 1)?;
     let (addr, len) = (map.addr, map.len);
     let writer = std::thread::spawn(move || {
-        use std::os::unix::fs::FileExt;
-        // SAFETY: The buffer is mapped until the write has pinned it (the main thread unmaps it
-        // 50 ms into a write that takes 200 ms); the kernel reads it, nothing writes it.
-        let buf = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
-        nullb.write_at(buf, 0)
+        use std::os::fd::AsRawFd;
+        // No Rust reference to the buffer: it is unmapped while the kernel reads it.
+        // SAFETY: A raw user pointer passed to the kernel, which validates and pins it.
+        let n = unsafe { libc::pwrite(nullb.as_raw_fd(), addr as *const _, len, 0) };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
     });
     std::thread::sleep(Duration::from_millis(50));
     let still_writing = !writer.is_finished();
