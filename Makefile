@@ -137,8 +137,9 @@ demo: initramfs tools
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results
 
 # The compile-fail cases, every suite on the patched kernel (with the compile-fail results
-# merged in), then the regression cases on the stock kernel, then both columns of the
-# regression table; fails if any of them fails.
+# merged in), then the regression cases on the stock kernel, the KCIDB export of both runs
+# (kcidb.json in the patched run's results; KCIDB_URL=<where results/ is published> adds
+# links), then both columns of the regression table; fails if any of them fails.
 test: host-test initramfs tools
 	@rc=0; \
 	$(COMPILE_FAIL_RUN) || rc=1; \
@@ -146,6 +147,8 @@ test: host-test initramfs tools
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS) --host-ktap $(COMPILE_FAIL)/compile-fail.ktap || rc=1; \
 	$(MAKE) --no-print-directory stock || rc=1; \
+	$(BENCH) kcidb $(ROOT)/results/latest-test --stock $(ROOT)/results/latest-stock \
+		--patches $(ROOT)/patches $(if $(KCIDB_URL),--url-base $(KCIDB_URL)) || rc=1; \
 	$(BENCH) regress $(ROOT)/results/latest-test $(ROOT)/results/latest-stock || rc=1; \
 	exit $$rc
 

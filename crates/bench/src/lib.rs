@@ -3,6 +3,7 @@
 
 pub mod compile_fail;
 pub mod dmesg;
+pub mod kcidb;
 pub mod ktap;
 pub mod regress;
 pub mod report;

@@ -6,12 +6,14 @@
 //! dmirror-bench judge RESULTS_DIR
 //! dmirror-bench report RESULTS_DIR
 //! dmirror-bench regress PATCHED_DIR STOCK_DIR
+//! dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]
 //! dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S]
 //!                   [--make MAKE] [-- MAKE_ARG...]
 //! ```
 //!
 //! `run` writes `DIR/<timestamp>-<plan>/` (console.log, stream.log,
-//! dmesg.txt, one .ktap per suite, summary.json), points `DIR/latest` at it,
+//! dmesg.txt, one .ktap per suite, summary.json, run.json with how the guest was run and what
+//! the kernel's build tree says of its build, kernel.config), points `DIR/latest` at it,
 //! prints the verdicts and exits 0 only when every gated suite passed.
 //! `judge` re-judges a saved run from its console.log and stream.log. A run of
 //! the `bench` plan also writes its report to `<run>/bench/` (`report` redoes
@@ -24,8 +26,15 @@
 //! one line per case and exits 0 only when every case passed. `run --host-ktap FILE` adds such a
 //! KTAP file to the run as a gated suite named after the file (`compile-fail`): it is copied into
 //! the run's directory and listed in its `host-suites`, which `judge` and `regress` read too.
+//!
+//! `kcidb` writes `RESULTS_DIR/kcidb.json`: the run's results as KCIDB I/O data (`kcidb`), with
+//! the stock run's as a second build of the same checkout, the patchset hash of the `*.patch`
+//! files of `--patches`, and links below `--url-base` (where `results/` is published). It
+//! validates the file with `kcidb-io` when `scripts/setup` has installed it (SKIP otherwise), and
+//! exits 0 when the file is written and not found invalid.
 
 use dmirror_bench::compile_fail;
+use dmirror_bench::kcidb;
 use dmirror_bench::regress::{self, Verdict};
 use dmirror_bench::report;
 use dmirror_bench::stream;
@@ -40,6 +49,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// `/dev/pmem1` for O_DIRECT and device-DAX; RAM between them keeps them
 /// apart) and the reserved range for coherent devices (KERNEL-NOTES §2).
 const GUEST_MEM: &str = "3G";
+const GUEST_CPUS: u32 = 2;
+const QEMU: &str = "qemu-system-x86_64";
 const PMEM: &[&str] = &["memmap=256M!1G", "memmap=128M!1408M"];
 const SPM_RANGE: &str = "memmap=512M$1536M";
 const SPM0: &str = "0x60000000";
@@ -62,7 +73,7 @@ const HOST_SUITES: &str = "host-suites";
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--kvm] [--append ARG]... [--host-ktap FILE]...\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR\n       dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S] [--make MAKE] [-- MAKE_ARG...]"
+        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--kvm] [--append ARG]... [--host-ktap FILE]...\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR\n       dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]\n       dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S] [--make MAKE] [-- MAKE_ARG...]"
     );
     ExitCode::from(2)
 }
@@ -205,18 +216,8 @@ fn add_host_ktap(dir: &Path, files: &[PathBuf]) -> Result<(), String> {
 /// UTC `YYYYmmdd-HHMMSS` for a results directory name.
 fn timestamp() -> String {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86400, secs % 86400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    let (y, m, d, hh, mm, ss) = kcidb::civil(secs);
+    format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}")
 }
 
 /// Prints the marker lines that arrived since `pos`, as progress.
@@ -270,15 +271,11 @@ fn run(args: RunArgs) -> Result<bool, String> {
         "null_blk.completion_nsec=200000000".into(),
     ];
     cmdline.extend(args.append.iter().cloned());
-    let accel: &[&str] = if args.kvm {
-        &["-accel", "kvm", "-cpu", "host"]
-    } else {
-        &["-accel", "tcg,thread=multi", "-cpu", "max"]
-    };
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let (accel, cpu) = if args.kvm { ("kvm", "host") } else { ("tcg,thread=multi", "max") };
+    let mut cmd = Command::new(QEMU);
     cmd.args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"])
-        .args(accel)
-        .args(["-smp", "2", "-m", GUEST_MEM])
+        .args(["-accel", accel, "-cpu", cpu])
+        .args(["-smp", &GUEST_CPUS.to_string(), "-m", GUEST_MEM])
         .arg("-kernel")
         .arg(&args.kernel)
         .arg("-initrd")
@@ -294,7 +291,8 @@ fn run(args: RunArgs) -> Result<bool, String> {
     println!("bench: booting {} (plan {}, timeout {} s)", args.kernel.display(), args.plan, args.timeout);
     println!("bench: results in {}", dir.display());
     let start = Instant::now();
-    let mut child = cmd.spawn().map_err(|e| format!("qemu-system-x86_64: {e}"))?;
+    let start_time = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut child = cmd.spawn().map_err(|e| format!("{QEMU}: {e}"))?;
     let mut pos = 0;
     let mut partial = String::new();
     let mut timed_out = false;
@@ -315,12 +313,33 @@ fn run(args: RunArgs) -> Result<bool, String> {
     if let Some(mut e) = child.stderr.take() {
         let _ = e.read_to_string(&mut qemu_err);
     }
-    println!("bench: guest ran {:.1} s", start.elapsed().as_secs_f64());
+    let duration = start.elapsed().as_secs_f64();
+    println!("bench: guest ran {duration:.1} s");
     if timed_out {
         println!("bench: TIMEOUT after {} s: the guest was killed", args.timeout);
     } else if !status.success() {
         println!("bench: qemu exited with {status}: {}", qemu_err.trim());
     }
+    let build_dir = kcidb::build_dir(&args.kernel);
+    let record = kcidb::RunRecord {
+        plan: args.plan.clone(),
+        start_time: kcidb::rfc3339(start_time),
+        duration: (duration * 10.0).round() / 10.0,
+        timed_out,
+        flavour: kcidb::flavour(&args.append, build_dir.as_deref()),
+        kernel_image: args.kernel.display().to_string(),
+        cmdline: cmdline.join(" "),
+        qemu: kcidb::Qemu {
+            binary: QEMU.into(),
+            version: qemu_version(),
+            accel: accel.into(),
+            cpu: cpu.into(),
+            smp: GUEST_CPUS,
+            memory: GUEST_MEM.into(),
+        },
+        kernel: build_dir.as_deref().map(kcidb::kernel_build),
+    };
+    write_record(&dir, &record, build_dir.as_deref())?;
     let summary = judge_dir(&dir)?;
     let reported = if args.plan == "bench" { report_dir(&dir) } else { Ok(()) };
     // `latest`, and `latest-<plan>` for the runs `make test` pairs up.
@@ -333,6 +352,130 @@ fn run(args: RunArgs) -> Result<bool, String> {
     }
     reported?;
     Ok(summary.ok)
+}
+
+/// The emulator's version line, if it says one.
+fn qemu_version() -> Option<String> {
+    let out = Command::new(QEMU).arg("--version").stdin(Stdio::null()).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().next().map(|l| l.trim().to_string()).filter(|l| !l.is_empty())
+}
+
+/// Writes a run's `run.json` and copies its kernel's configuration beside it.
+fn write_record(dir: &Path, record: &kcidb::RunRecord, build_dir: Option<&Path>) -> Result<(), String> {
+    let json = serde_json::to_string_pretty(record).map_err(|e| e.to_string())?;
+    fs::write(dir.join(kcidb::RECORD), json).map_err(|e| format!("{}: {e}", kcidb::RECORD))?;
+    if let Some(b) = build_dir {
+        if let Err(e) = fs::copy(b.join(".config"), dir.join(kcidb::CONFIG)) {
+            println!("bench: {}/.config not copied: {e}", b.display());
+        }
+    }
+    Ok(())
+}
+
+/// Writes a patched run's results, and its stock run's, as KCIDB data (`kcidb.json`), and
+/// validates the file with `kcidb-io` where it is installed.
+fn kcidb_cmd(args: &[String]) -> Result<bool, String> {
+    let mut dir = None;
+    let mut stock = None;
+    let mut patches = None;
+    let mut options = kcidb::Options::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--stock" => stock = Some(PathBuf::from(value()?)),
+            "--patches" => patches = Some(PathBuf::from(value()?)),
+            "--url-base" => options.url_base = Some(value()?),
+            s if !s.starts_with("--") && dir.is_none() => dir = Some(PathBuf::from(s)),
+            _ => return Err(format!("kcidb: unknown argument {a}")),
+        }
+    }
+    let dir = dir.ok_or("kcidb: RESULTS_DIR is required")?;
+    // The runs' own directories, not the `latest-*` links: their names are the IDs.
+    let dir = fs::canonicalize(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let stock = match stock {
+        Some(s) => match fs::canonicalize(&s) {
+            Ok(s) if matches!((stamp(&s), stamp(&dir)), (Some(a), Some(b)) if a < b) => {
+                println!("kcidb: {} is older than {}: not its stock run, left out", s.display(), dir.display());
+                None
+            }
+            Ok(s) => Some(s),
+            Err(e) => {
+                println!("kcidb: no stock run ({}: {e}), left out", s.display());
+                None
+            }
+        },
+        None => None,
+    };
+    let series = patches.as_deref().map(kcidb::Series::read).transpose()?;
+    let (patched_stream, patched_summary) = load(&dir)?;
+    let stock_loaded = stock.as_deref().map(load).transpose()?;
+    let patched = kcidb_run(&dir, &patched_stream, &patched_summary)?;
+    let stock_run = match (&stock, &stock_loaded) {
+        (Some(d), Some((st, su))) => Some(kcidb_run(d, st, su)?),
+        _ => None,
+    };
+    let data = kcidb::export(&patched, stock_run.as_ref(), series.as_ref(), &options);
+    let file = dir.join(kcidb::FILE);
+    let json = serde_json::to_string_pretty(&data).map_err(|e| e.to_string())?;
+    fs::write(&file, json + "\n").map_err(|e| format!("{}: {e}", file.display()))?;
+    println!("kcidb: wrote {}: {}", file.display(), kcidb::counts(&data));
+    match kcidb::validator() {
+        Err(why) => {
+            println!("kcidb: SKIP validation: {why}");
+            Ok(true)
+        }
+        Ok(python) => match kcidb::validate(&python, &file) {
+            Ok(verdict) => {
+                println!("kcidb: {verdict}");
+                Ok(true)
+            }
+            Err(why) => {
+                println!("kcidb: FAIL: {} is not valid KCIDB data: {why}", file.display());
+                Ok(false)
+            }
+        },
+    }
+}
+
+/// A judged run as the KCIDB export reads it.
+fn kcidb_run<'a>(dir: &Path, stream: &stream::Stream, summary: &'a Summary) -> Result<kcidb::Run<'a>, String> {
+    let record = match fs::read_to_string(dir.join(kcidb::RECORD)) {
+        Ok(text) => Some(
+            serde_json::from_str(&text).map_err(|e| format!("{}/{}: {e}", dir.display(), kcidb::RECORD))?,
+        ),
+        Err(_) => None,
+    };
+    Ok(kcidb::Run {
+        name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        summary,
+        boot_dmesg: stream
+            .suites
+            .iter()
+            .find(|s| s.name == "boot")
+            .map(|s| s.dmesg.clone())
+            .unwrap_or_default(),
+        record,
+        has_config: dir.join(kcidb::CONFIG).is_file(),
+        outputs: stream
+            .suites
+            .iter()
+            .map(|s| (s.name.clone(), s.output.clone()))
+            .chain(summary.suites.iter().filter(|s| s.host).map(|s| {
+                let ktap = fs::read_to_string(dir.join(format!("{}.ktap", s.name))).unwrap_or_default();
+                (s.name.clone(), ktap)
+            }))
+            .collect(),
+    })
+}
+
+/// The `YYYYmmdd-HHMMSS` stamp a results directory's name starts with, if it has one.
+fn stamp(dir: &Path) -> Option<String> {
+    let name = dir.file_name()?.to_str()?;
+    let s = name.get(..15)?;
+    let ok = s.char_indices().all(|(i, c)| if i == 8 { c == '-' } else { c.is_ascii_digit() });
+    ok.then(|| s.to_string())
 }
 
 /// Writes and prints the benchmark report of a run.
@@ -486,6 +629,7 @@ fn main() -> ExitCode {
         Some("judge") if args.len() == 2 => judge_dir(Path::new(&args[1])).map(|s| s.ok),
         Some("report") if args.len() == 2 => report_dir(Path::new(&args[1])).map(|()| true),
         Some("regress") if args.len() == 3 => regress_dirs(Path::new(&args[1]), Path::new(&args[2])),
+        Some("kcidb") if args.len() >= 2 => kcidb_cmd(&args[1..]),
         Some("compile-fail") => match parse_compile_fail(&args[1..]) {
             Ok(cfg) => compile_fail_cmd(&cfg),
             Err(e) => {
