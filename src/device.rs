@@ -23,9 +23,10 @@
 //! buffer free, for coherent pages), taken for lookups, updates and copies of a few pages at
 //! most; a page's backing is only dropped under it, so a folio found in the table stays alive
 //! while the lock is held. Eviction (RELEASE, last close, unload) takes the chunks out of the
-//! device under the mutex and drops them after releasing it, so it never waits under the mutex
-//! for a migration that needs it; a migration window waits for an eviction in progress before it
-//! allocates, holding no device page (see [`Device::allocator`]).
+//! device under the mutex and evicts and drops them after releasing it, so it never waits under
+//! the mutex for a migration that needs it (chunks whose pages others still hold go back, in
+//! their slots); a migration window waits for an eviction in progress before it allocates,
+//! holding no device page (see [`Device::allocator`]).
 
 use core::{
     fmt,
@@ -45,11 +46,16 @@ use kernel::{
     page::PAGE_SIZE,
     prelude::*,
     sync::{Arc, CondVar, Mutex, MutexGuard, SpinLockIrq, SpinLockIrqGuard},
+    time::Delta,
 };
 
 /// Pages a CPU fault on a page table entry migrates back at most: the naturally aligned
 /// window around the faulting page (64 KiB), this device's pages in it.
 const FAULT_AROUND_PAGES: usize = 16;
+
+/// How long an eviction that can give up (RELEASE, the last close) waits for device pages
+/// that others hold.
+const EVICT_TIMEOUT: Delta = Delta::from_secs(2);
 
 /// The size of a chunk of device memory.
 pub(crate) const CHUNK_SIZE: usize = 2 * SECTION_SIZE;
@@ -805,25 +811,53 @@ impl Device {
     /// Counts a closed file; the last one evicts the device memory.
     pub(crate) fn close(&self) {
         if self.opens.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.release();
+            // Memory that cannot be evicted now stays, and goes with the next eviction.
+            let _ = self.release();
         }
     }
 
     /// Evicts every page of device memory back to system memory and unregisters it.
-    pub(crate) fn release(&self) {
+    ///
+    /// A page that someone else holds (a pin, a pipe buffer) is waited for at most
+    /// [`EVICT_TIMEOUT`]: then the memory stays registered and in use, nothing that could not
+    /// move is lost, and the error (`EBUSY`, or `EINTR` for a signal) says so.
+    pub(crate) fn release(&self) -> Result {
         let chunks = {
             let mut memory = self.memory.lock();
             let chunks = core::mem::take(&mut memory.chunks);
             if chunks.is_empty() {
-                return;
+                return Ok(());
             }
             memory.releasing += 1;
             chunks
         };
         self.evictions.fetch_add(1, Ordering::Relaxed);
-        // Dropped outside the lock: eviction may wait for migrations that need it.
-        drop(chunks);
-        self.memory.lock().releasing -= 1;
+        // Outside the lock: eviction may wait for migrations that need it.
+        let res = chunks.iter().try_for_each(|c| c.evict(EVICT_TIMEOUT));
+        let kept = match res {
+            Ok(()) => {
+                // Every page is free: unregistering does not wait.
+                drop(chunks);
+                None
+            }
+            Err(e) => {
+                pr_warn!(
+                    "hmm_dmirror{}: device memory still in use, kept: {:?}\n",
+                    self.id,
+                    e
+                );
+                Some(chunks)
+            }
+        };
+        let mut memory = self.memory.lock();
+        if let Some(chunks) = kept {
+            // No chunk was added meanwhile (allocations wait for `releasing`): the chunks go
+            // back as they were, each in its slot.
+            memory.chunks = chunks;
+        }
+        memory.releasing -= 1;
+        drop(memory);
         self.released.notify_all();
+        res
     }
 }

@@ -104,6 +104,9 @@ enum Data {
     /// device's table while the page is the allocation named. Once the page is freed (it was
     /// migrated away, or the memory evicted) the entry is stale and reads as not mirrored.
     Device(DevicePage),
+    /// Not mirrored yet: this device is taking exclusive access to the page (see
+    /// [`DmirrorFile::exclusive`]). Any invalidation of the page but that one removes it.
+    Claiming,
 }
 
 /// Finds the data of mirror entries, holding the lock of the backing table of the last
@@ -126,13 +129,14 @@ impl<'a> Tables<'a> {
             Data::Folio(folio, offset) => Some((folio, *offset)),
             Data::Writable(folio, offset) => Some((folio, *offset)),
             Data::Device(page) => self.backing(page).map(|(f, o)| (&**f, o)),
+            Data::Claiming => None,
         }
     }
 
     /// Like [`Tables::find`], for an entry the device may write: `None` for a read-only one.
     fn find_writable<'b>(&'b mut self, entry: &'b Entry) -> Option<(&'b WritableFolio, usize)> {
         match &entry.data {
-            Data::Folio(..) => None,
+            Data::Folio(..) | Data::Claiming => None,
             Data::Writable(folio, offset) => Some((folio, *offset)),
             Data::Device(page) => self.backing(page),
         }
@@ -285,6 +289,11 @@ impl MmuIntervalNotifierOps for Mirror {
         // `migrate_to_dev`, `migrate_to_sys`). A CPU fault brings device pages back: their
         // entries would go stale and take room until the next invalidation, so they go now.
         // (A fault during an ioctl's window leaves them stale, which their generation tells.)
+        // Taking exclusive access to a page: only `exclusive` does, which mirrors the page
+        // itself (a CPU access that ends the exclusive access invalidates with no owner).
+        if range.event() == NotifierEvent::Exclusive && range.owner() == state.owner.token() {
+            return;
+        }
         if range.event() == NotifierEvent::Migrate && range.owner() == state.owner.token() {
             if state.ioctl_migrations == 0 {
                 state.remove(
@@ -807,6 +816,7 @@ impl DmirrorFile {
                     Data::Folio(folio, _) => !folio.is_zone_device(),
                     Data::Writable(folio, _) => !folio.is_zone_device(),
                     Data::Device(_) => tables.find(e).is_none(),
+                    Data::Claiming => true,
                 });
             drop(tables);
             let mut mig = MigrateVma::setup(
@@ -816,9 +826,8 @@ impl DmirrorFile {
                 Some(&*self.device.owner),
                 Select::SYSTEM | Select::COMPOUND,
             )?;
-            let wanted = |i: usize| {
-                mig.src(i).is_migrate() && mig.src_folio(i).is_none_or(is_anon_system)
-            };
+            let wanted =
+                |i: usize| mig.src(i).is_migrate() && mig.src_folio(i).is_none_or(is_anon_system);
             let npages_wanted: usize = (0..mig.npages())
                 .filter(|&i| wanted(i))
                 .map(|i| mig.span(i))
@@ -834,6 +843,20 @@ impl DmirrorFile {
                 return res;
             }
             let mig = mig.pages();
+            if self.device.is_coherent() {
+                // A coherent page's entry holds a reference. A page unmapped between the
+                // migration and here (`MADV_DONTNEED` on another thread; its invalidation found
+                // no entry to drop) must not be mirrored, or the mirror would keep it in use,
+                // unmapped, where no eviction can move it. So the entries come from the page
+                // tables, under the notifier's sequence, as a fault's do, once the migration
+                // is finalised (until then its pages are migration entries, not mapped).
+                drop(mapped);
+                drop(mig);
+                self.mirror_device_pages(mmap, start, next, room)?;
+                return res;
+            }
+            // A device-private entry names its page by generation and holds no reference: one
+            // unmapped meanwhile reads as stale.
             let mut mirror = self.mirror.lock();
             for (i, entry) in mapped {
                 if mig.migrated(i) {
@@ -845,6 +868,54 @@ impl DmirrorFile {
         })?;
         // Every page of the range must now be in device memory and mirrored.
         self.read_back(cmd)
+    }
+
+    /// Mirrors the pages of `[start, end)` that are mapped to this device's memory, validated
+    /// against the notifier's sequence; `EBUSY` if invalidations keep it from validating.
+    fn mirror_device_pages(
+        &self,
+        mmap: &MmapReadGuard<'_>,
+        start: usize,
+        end: usize,
+        mut room: Room,
+    ) -> Result {
+        let n = (end - start) / PAGE_SIZE;
+        let owner = &self.device.owner;
+        let ours = |e: &Entry| match &e.data {
+            Data::Folio(folio, _) => DevPagemap::<Chunk>::of_folio(folio, owner).is_some(),
+            Data::Writable(folio, _) => DevPagemap::<Chunk>::of_folio(folio, owner).is_some(),
+            Data::Device(_) | Data::Claiming => false,
+        };
+        let started = Instant::<Monotonic>::now();
+        loop {
+            if started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
+                return Err(EBUSY);
+            }
+            let seq = self.mirror.read_begin();
+            let flags = FaultFlags::SNAPSHOT;
+            let range =
+                match HmmRange::fault(&self.mirror, mmap, seq, start, n, flags, Some(&**owner)) {
+                    Err(e) if e == EBUSY => continue,
+                    r => r?,
+                };
+            let mut entries = KVec::with_capacity(n, GFP_KERNEL)?;
+            let Some(valid) = range.lock_if_valid() else {
+                continue;
+            };
+            for i in 0..n {
+                if let Some(entry) = self.mirror_entry(&range, i, &valid).filter(ours) {
+                    entries
+                        .push_within_capacity((i, entry))
+                        .map_err(|_| ENOMEM)?;
+                }
+            }
+            let mut mirror = valid;
+            for (i, entry) in entries {
+                // The room covers the window, so this does not fail.
+                mirror.insert(start / PAGE_SIZE + i, entry, &mut room)?;
+            }
+            return Ok(());
+        }
     }
 
     /// Gives every migratable system page of `mig` a device destination holding its data: a
@@ -1046,24 +1117,62 @@ impl DmirrorFile {
         {
             let mmap = mm.mmap_read_lock();
             for i in 0..npages {
-                let page_addr = addr + i * PAGE_SIZE;
-                let page = page_addr / PAGE_SIZE;
-                let mut room = Room::new(page, page + 1)?;
-                let exclusive = make_device_exclusive::<Chunk>(&mmap, page_addr, None)?;
-                // Taking exclusive access invalidated the page with no owner, which removed its
-                // entry; the new one marks it exclusive. It is recorded before the folio is
-                // unlocked (`exclusive` drops): a CPU access that ends the exclusive access
-                // waits for the lock, and its invalidation then removes the entry.
-                let entry = Entry {
-                    data: Data::Folio(exclusive.folio().clone(), exclusive.offset()),
-                    write: true,
-                    atomic: true,
-                };
-                self.mirror.lock().insert(page, entry, &mut room)?;
-                drop(exclusive);
+                self.exclusive_page(&mmap, addr + i * PAGE_SIZE)?;
             }
         }
         self.read_back(cmd)
+    }
+
+    /// Takes exclusive access to the page at `addr` and mirrors it as such.
+    ///
+    /// The entry must not outlive the exclusive mapping: a page unmapped (`MADV_DONTNEED` on
+    /// another thread) after exclusive access is taken, but before the entry is in, would stay
+    /// mirrored and referenced. So a placeholder goes in first; every invalidation of the page
+    /// from then on removes it, except the one of taking exclusive access, which carries this
+    /// device's owner. The entry replaces the placeholder only if it is still there; otherwise
+    /// the page is taken again. The folio stays locked until the entry is in: a CPU access that
+    /// ends the exclusive access waits for the lock, and its invalidation then removes the entry.
+    fn exclusive_page(&self, mmap: &MmapReadGuard<'_>, addr: usize) -> Result {
+        let page = addr / PAGE_SIZE;
+        let started = Instant::<Monotonic>::now();
+        loop {
+            if started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
+                return Err(EBUSY);
+            }
+            let mut room = Room::new(page, page + 1)?;
+            let claiming = Entry {
+                data: Data::Claiming,
+                write: false,
+                atomic: false,
+            };
+            self.mirror.lock().insert(page, claiming, &mut room)?;
+            let exclusive = match make_device_exclusive(mmap, addr, Some(&*self.device.owner)) {
+                Ok(exclusive) => exclusive,
+                Err(e) => {
+                    self.mirror
+                        .lock()
+                        .remove(page, page + 1, |e| matches!(e.data, Data::Claiming));
+                    return Err(e);
+                }
+            };
+            let mut mirror = self.mirror.lock();
+            if !mirror
+                .get(page)
+                .is_some_and(|e| matches!(e.data, Data::Claiming))
+            {
+                continue;
+            }
+            let entry = Entry {
+                data: Data::Folio(exclusive.folio().clone(), exclusive.offset()),
+                write: true,
+                atomic: true,
+            };
+            // The placeholder's leaf is there: no room needed.
+            mirror.insert(page, entry, &mut room)?;
+            drop(mirror);
+            drop(exclusive);
+            return Ok(());
+        }
     }
 
     fn check_exclusive(&self, cmd: &mut Cmd) -> Result {
@@ -1168,7 +1277,7 @@ impl MiscDevice for DmirrorFile {
             uapi::SNAPSHOT => this.snapshot(&mut c)?,
             uapi::EXCLUSIVE => this.exclusive(&mut c)?,
             uapi::CHECK_EXCLUSIVE => this.check_exclusive(&mut c)?,
-            uapi::RELEASE => this.device.release(),
+            uapi::RELEASE => this.device.release()?,
             uapi::FLAGS => this.flags.store(c.npages, Ordering::Relaxed),
             _ => return Err(EOPNOTSUPP),
         }

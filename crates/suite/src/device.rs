@@ -30,6 +30,7 @@ pub const CASES: &[Case] = &[
     case("mremap_dontunmap", 60, mremap_dontunmap),
     case("madvise_dontneed", 60, madvise_dontneed),
     case("madvise_free", 60, madvise_free),
+    case("to_dev_races_dontneed", 120, to_dev_races_dontneed),
     case("concurrent_migrate_fault_fork", 180, concurrent),
     case("capacity_enomem", 300, capacity_enomem),
     case("fail_alloc_every_path", 120, fail_alloc_every_path),
@@ -38,6 +39,7 @@ pub const CASES: &[Case] = &[
     case("last_close_with_pages", 60, last_close_with_pages),
     case("release_with_pages", 60, release_with_pages),
     case("rmmod_with_pages", 120, rmmod_with_pages),
+    case("release_with_spliced_page", 60, release_with_spliced_page),
     Case {
         name: "coherent_last_ref_in_irq",
         fixture: Fixture::Module,
@@ -552,6 +554,52 @@ fn madvise_dontneed(ctx: &Ctx) -> R {
     verify_zero(map.bytes(), "after MADV_DONTNEED")
 }
 
+/// `MADV_DONTNEED` on another thread races with MIGRATE_TO_DEV: a page unmapped after the
+/// migration put its device page in place, but before the driver mirrored it, must not stay
+/// mirrored. A coherent page's mirror entry holds a reference, so such an entry would keep the
+/// page in use, unmapped, where no eviction can move it (and RELEASE would wait for it), until
+/// the next invalidation of its address. Each round unmaps one of the first pages once, at a
+/// random moment of the migration of all of them, and checks before any further invalidation that every
+/// device page in use is mapped.
+fn to_dev_races_dontneed(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(256 * PAGE)?;
+    let mut rng = Rng::new(seed(ctx, "races-dontneed"));
+    let started = std::time::Instant::now();
+    let mut rounds = 0u32;
+    while rounds < 1000 && started.elapsed() < Duration::from_secs(40) {
+        rounds += 1;
+        // Every page back in system memory, so that the migration has all of them to move.
+        madvise(&map, libc::MADV_DONTNEED)?;
+        map.bytes().fill(rounds as u8);
+        let (delay, page) = (rng.below(1500), rng.below(8) as usize);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_micros(delay));
+                // SAFETY: Advises on one page of our own mapping, which outlives the thread.
+                unsafe { libc::madvise((map.addr + page * PAGE) as *mut _, PAGE, libc::MADV_DONTNEED) };
+            });
+            // A page unmapped mid-window is a hole, and holes migrate too; the ioctl's result
+            // is the race's business, only the state after it is checked.
+            let _ = dev.to_dev(map.addr, map.npages());
+        });
+        let s = stats(ctx.variant())?;
+        ensure_eq!(
+            s.get("allocated"),
+            s.get("mapped"),
+            "device pages in use vs mapped after round {rounds} (page {page} unmapped after {delay} us)"
+        );
+    }
+    diag!("{rounds} rounds");
+    madvise(&map, libc::MADV_DONTNEED)?;
+    settled(ctx.variant(), 0)?;
+    // And the device still works.
+    let seed = seed(ctx, "races-dontneed");
+    fill(map.bytes(), seed);
+    to_dev_all(&dev, &map)?;
+    verify(map.bytes(), seed, "migrated after the race")
+}
+
 fn madvise_free(ctx: &Ctx) -> R {
     let dev = Dev::open(&ctx.path())?;
     let map = Map::anon(64 * PAGE)?;
@@ -910,6 +958,64 @@ fn release_with_pages(ctx: &Ctx) -> R {
     // The device works after RELEASE.
     to_dev_all(&dev, &pages)?;
     verify(pages.bytes(), seed(ctx, "evict_pages"), "migrated again after RELEASE")
+}
+
+/// A device page that a pipe holds (`vmsplice()` takes a reference to the page it maps, which
+/// the pipe keeps until it is read) cannot be evicted. RELEASE waits a little for it, then says
+/// `EBUSY`, the memory still registered and the data where it was; the last close the same,
+/// without hanging the closing task. Once the pipe is read, RELEASE evicts everything. A
+/// device-private page is not mapped as such: `vmsplice()` brings it back to system memory
+/// first, so RELEASE does not wait for it.
+fn release_with_spliced_page(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(16 * PAGE)?;
+    let seed = seed(ctx, "spliced");
+    fill(map.bytes(), seed);
+    to_dev_all(&dev, &map)?;
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    ensure_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe()");
+    // SAFETY: Both descriptors are ours; nothing else owns them.
+    let (rx, tx) = unsafe {
+        use std::os::fd::FromRawFd;
+        (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1]))
+    };
+    let iov = libc::iovec {
+        iov_base: map.addr as *mut _,
+        iov_len: PAGE,
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: One iovec over our own mapping, which outlives the pipe's use of it.
+    let n = unsafe { libc::vmsplice(tx.as_raw_fd(), &iov, 1, 0) };
+    ensure_eq!(n, PAGE as isize, "bytes vmsplice()d");
+    let held = coherent(ctx);
+    let started = std::time::Instant::now();
+    let r = dev.release(map.addr, 1);
+    if held {
+        ensure_eq!(
+            r.as_ref().map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EBUSY)),
+            "RELEASE with a page in a pipe"
+        );
+        ensure!(started.elapsed() < Duration::from_secs(10), "RELEASE waited {:?}", started.elapsed());
+        ensure!(stats(ctx.variant())?.get("chunks") > 0, "chunks after a refused RELEASE");
+        // The last close cannot evict it either, and does not wait for it for ever.
+        drop(dev);
+        ensure!(stats(ctx.variant())?.get("chunks") > 0, "chunks after the last close");
+    } else {
+        r?;
+        drop(dev);
+    }
+    verify(map.bytes(), seed, "pages after the refused eviction")?;
+    let mut page = vec![0u8; PAGE];
+    std::io::Read::read_exact(&mut &rx, &mut page)?;
+    ensure!(page == map.bytes()[..PAGE], "the pipe's copy of page 0 differs");
+    drop((rx, tx));
+    let dev = Dev::open(&ctx.path())?;
+    dev.release(map.addr, 1)?;
+    let s = settled(ctx.variant(), 0)?;
+    ensure_eq!(s.get("chunks"), 0, "chunks after RELEASE");
+    verify(map.bytes(), seed, "pages after RELEASE")
 }
 
 fn rmmod_with_pages(ctx: &Ctx) -> R {
