@@ -7,7 +7,7 @@
 //! - `pfn`: write a page frame number (decimal or `0x` hex), read the reference counts of that
 //!   ZONE_DEVICE page, whichever driver owns it.
 //!
-//! The README documents the format; the test suite parses it.
+//! `docs/driver.md` documents the format; the test suite parses it.
 
 use crate::device::Device;
 use core::{

@@ -733,7 +733,7 @@ impl Device {
     }
 
     /// Writes the device's counters (the `stats` file of its debugfs directory): one
-    /// `key value` line each, summed over its chunks; see the README for their meaning.
+    /// `key value` line each, summed over its chunks; `docs/driver.md` says what they mean.
     pub(crate) fn write_stats(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let memory = self.memory.lock();
         let chunks = &memory.chunks;
@@ -820,10 +820,14 @@ impl Device {
     ///
     /// A page that someone else holds (a pin, a pipe buffer) is waited for at most
     /// [`EVICT_TIMEOUT`]: then the memory stays registered and in use, nothing that could not
-    /// move is lost, and the error (`EBUSY`, or `EINTR` for a signal) says so.
+    /// move is lost, and the error (`EBUSY`, or `ERESTARTSYS` for a signal) says so.
     pub(crate) fn release(&self) -> Result {
         let chunks = {
             let mut memory = self.memory.lock();
+            // Another eviction may fail and put its chunks back: wait for its outcome.
+            while memory.releasing > 0 {
+                self.released.wait(&mut memory);
+            }
             let chunks = core::mem::take(&mut memory.chunks);
             if chunks.is_empty() {
                 return Ok(());

@@ -104,9 +104,6 @@ enum Data {
     /// device's table while the page is the allocation named. Once the page is freed (it was
     /// migrated away, or the memory evicted) the entry is stale and reads as not mirrored.
     Device(DevicePage),
-    /// Not mirrored yet: this device is taking exclusive access to the page (see
-    /// [`DmirrorFile::exclusive`]). Any invalidation of the page but that one removes it.
-    Claiming,
 }
 
 /// Finds the data of mirror entries, holding the lock of the backing table of the last
@@ -129,14 +126,13 @@ impl<'a> Tables<'a> {
             Data::Folio(folio, offset) => Some((folio, *offset)),
             Data::Writable(folio, offset) => Some((folio, *offset)),
             Data::Device(page) => self.backing(page).map(|(f, o)| (&**f, o)),
-            Data::Claiming => None,
         }
     }
 
     /// Like [`Tables::find`], for an entry the device may write: `None` for a read-only one.
     fn find_writable<'b>(&'b mut self, entry: &'b Entry) -> Option<(&'b WritableFolio, usize)> {
         match &entry.data {
-            Data::Folio(..) | Data::Claiming => None,
+            Data::Folio(..) => None,
             Data::Writable(folio, offset) => Some((folio, *offset)),
             Data::Device(page) => self.backing(page),
         }
@@ -284,16 +280,18 @@ impl Mirror {
 }
 
 impl MmuIntervalNotifierOps for Mirror {
+    /// Taking exclusive access for this device: only [`DmirrorFile::exclusive`] does, which
+    /// mirrors the page itself (a CPU access that ends the exclusive access invalidates it as a
+    /// clear, with no owner).
+    fn own_exclusive(state: &Self, range: &NotifierRange<'_>) -> bool {
+        range.owner() == state.owner.token()
+    }
+
     fn invalidate(state: &mut Self, range: &NotifierRange<'_>) {
         // This device's own migrations: those of the ioctls update the mirror themselves (see
         // `migrate_to_dev`, `migrate_to_sys`). A CPU fault brings device pages back: their
         // entries would go stale and take room until the next invalidation, so they go now.
         // (A fault during an ioctl's window leaves them stale, which their generation tells.)
-        // Taking exclusive access to a page: only `exclusive` does, which mirrors the page
-        // itself (a CPU access that ends the exclusive access invalidates with no owner).
-        if range.event() == NotifierEvent::Exclusive && range.owner() == state.owner.token() {
-            return;
-        }
         if range.event() == NotifierEvent::Migrate && range.owner() == state.owner.token() {
             if state.ioctl_migrations == 0 {
                 state.remove(
@@ -816,7 +814,6 @@ impl DmirrorFile {
                     Data::Folio(folio, _) => !folio.is_zone_device(),
                     Data::Writable(folio, _) => !folio.is_zone_device(),
                     Data::Device(_) => tables.find(e).is_none(),
-                    Data::Claiming => true,
                 });
             drop(tables);
             let mut mig = MigrateVma::setup(
@@ -884,7 +881,7 @@ impl DmirrorFile {
         let ours = |e: &Entry| match &e.data {
             Data::Folio(folio, _) => DevPagemap::<Chunk>::of_folio(folio, owner).is_some(),
             Data::Writable(folio, _) => DevPagemap::<Chunk>::of_folio(folio, owner).is_some(),
-            Data::Device(_) | Data::Claiming => false,
+            Data::Device(_) => false,
         };
         let started = Instant::<Monotonic>::now();
         loop {
@@ -1127,47 +1124,41 @@ impl DmirrorFile {
     ///
     /// The entry must not outlive the exclusive mapping: a page unmapped (`MADV_DONTNEED` on
     /// another thread) after exclusive access is taken, but before the entry is in, would stay
-    /// mirrored and referenced. So a placeholder goes in first; every invalidation of the page
-    /// from then on removes it, except the one of taking exclusive access, which carries this
-    /// device's owner. The entry replaces the placeholder only if it is still there; otherwise
-    /// the page is taken again. The folio stays locked until the entry is in: a CPU access that
-    /// ends the exclusive access waits for the lock, and its invalidation then removes the entry.
+    /// mirrored and referenced. So the entry goes in under the notifier's sequence read before
+    /// taking exclusive access, which that does not move (`own_exclusive`), and the folio stays
+    /// locked until it is in: a CPU access that ends the exclusive access waits for the lock,
+    /// and its invalidation then removes the entry.
     fn exclusive_page(&self, mmap: &MmapReadGuard<'_>, addr: usize) -> Result {
         let page = addr / PAGE_SIZE;
+        let mut room = Room::new(page, page + 1)?;
+        let owner = &self.device.owner;
         let started = Instant::<Monotonic>::now();
+        let mut prepared = false;
         loop {
             if started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
                 return Err(EBUSY);
             }
-            let mut room = Room::new(page, page + 1)?;
-            let claiming = Entry {
-                data: Data::Claiming,
-                write: false,
-                atomic: false,
-            };
-            self.mirror.lock().insert(page, claiming, &mut room)?;
-            let exclusive = match make_device_exclusive(mmap, addr, Some(&*self.device.owner)) {
-                Ok(exclusive) => exclusive,
-                Err(e) => {
-                    self.mirror
-                        .lock()
-                        .remove(page, page + 1, |e| matches!(e.data, Data::Claiming));
-                    return Err(e);
+            if prepared {
+                // The last try invalidated the page on its way (a copy-on-write break, a huge
+                // page split, or undoing an exclusive access taken before): do that part first.
+                let seq = self.mirror.read_begin();
+                let flags = FaultFlags::WRITE;
+                match HmmRange::fault(&self.mirror, mmap, seq, addr, 1, flags, Some(&**owner)) {
+                    Err(e) if e == EBUSY => continue,
+                    r => drop(r?),
                 }
-            };
-            let mut mirror = self.mirror.lock();
-            if !mirror
-                .get(page)
-                .is_some_and(|e| matches!(e.data, Data::Claiming))
-            {
-                continue;
             }
+            let seq = self.mirror.read_begin();
+            let exclusive = make_device_exclusive(mmap, addr, Some(&**owner))?;
+            let Some(mut mirror) = self.mirror.lock_if_valid(seq) else {
+                prepared = true;
+                continue;
+            };
             let entry = Entry {
                 data: Data::Folio(exclusive.folio().clone(), exclusive.offset()),
                 write: true,
                 atomic: true,
             };
-            // The placeholder's leaf is there: no room needed.
             mirror.insert(page, entry, &mut room)?;
             drop(mirror);
             drop(exclusive);

@@ -2,7 +2,9 @@
 //! data integrity, fork, unmapping and remapping, concurrency, memory pressure, teardown.
 
 use crate::harness::{Case, Ctx, Fail, Fixture, Variant, R};
-use crate::hmm::{self, fill, local_prot, verify, verify_zero, Dev, Map, Rng, PAGE, THP, THP_PAGES};
+use crate::hmm::{
+    self, fill, local_prot, verify, verify_zero, Dev, Map, Pipe, Rng, PAGE, THP, THP_PAGES,
+};
 use crate::inspect::{self, settled, stats};
 use crate::{diag, ensure, ensure_eq};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +33,7 @@ pub const CASES: &[Case] = &[
     case("madvise_dontneed", 60, madvise_dontneed),
     case("madvise_free", 60, madvise_free),
     case("to_dev_races_dontneed", 120, to_dev_races_dontneed),
+    case("exclusive_races_dontneed", 60, exclusive_races_dontneed),
     case("concurrent_migrate_fault_fork", 180, concurrent),
     case("capacity_enomem", 300, capacity_enomem),
     case("fail_alloc_every_path", 120, fail_alloc_every_path),
@@ -600,6 +603,49 @@ fn to_dev_races_dontneed(ctx: &Ctx) -> R {
     verify(map.bytes(), seed, "migrated after the race")
 }
 
+/// `MADV_DONTNEED` on another thread races with EXCLUSIVE: a page unmapped after exclusive
+/// access was taken, but before the driver mirrored it, must not stay mirrored (the device would
+/// read, and atomically update, a page the process no longer has). Each round takes exclusive
+/// access to a page while the other thread unmaps it at a random moment, then reads it through
+/// the device before the CPU touches it: the device must see what the CPU then sees.
+fn exclusive_races_dontneed(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let map = Map::anon(PAGE)?;
+    let buf = Map::anon(PAGE)?;
+    let mut rng = Rng::new(seed(ctx, "exclusive-races"));
+    let started = std::time::Instant::now();
+    let mut rounds = 0u32;
+    while rounds < 5000 && started.elapsed() < Duration::from_secs(20) {
+        rounds += 1;
+        let byte = (rounds % 255 + 1) as u8;
+        // Writing ends the exclusive access of the round before.
+        map.bytes().fill(byte);
+        let delay = Duration::from_nanos(rng.below(40_000));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Spun, not slept: a sleep this short lasts the timer slack.
+                let t = std::time::Instant::now();
+                while t.elapsed() < delay {
+                    std::hint::spin_loop();
+                }
+                // SAFETY: Advises on our own mapping, which outlives the thread.
+                unsafe { libc::madvise(map.addr as *mut _, PAGE, libc::MADV_DONTNEED) };
+            });
+            // The ioctl's result is the race's business; only the state after it is checked.
+            let _ = dev.cmd(hmm::EXCLUSIVE, map.addr, buf.addr, 1);
+        });
+        let seen = dev.read(map.addr, 1)?;
+        let cpu = map.bytes()[0];
+        ensure!(
+            seen.iter().all(|&b| b == cpu),
+            "round {rounds}: the device reads {:#x}, the CPU {cpu:#x} (unmapped after {delay:?})",
+            seen[0]
+        );
+    }
+    diag!("{rounds} rounds");
+    Ok(())
+}
+
 fn madvise_free(ctx: &Ctx) -> R {
     let dev = Dev::open(&ctx.path())?;
     let map = Map::anon(64 * PAGE)?;
@@ -972,22 +1018,8 @@ fn release_with_spliced_page(ctx: &Ctx) -> R {
     let seed = seed(ctx, "spliced");
     fill(map.bytes(), seed);
     to_dev_all(&dev, &map)?;
-    let mut fds = [0i32; 2];
-    // SAFETY: `fds` has room for the two descriptors.
-    ensure_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe()");
-    // SAFETY: Both descriptors are ours; nothing else owns them.
-    let (rx, tx) = unsafe {
-        use std::os::fd::FromRawFd;
-        (std::fs::File::from_raw_fd(fds[0]), std::fs::File::from_raw_fd(fds[1]))
-    };
-    let iov = libc::iovec {
-        iov_base: map.addr as *mut _,
-        iov_len: PAGE,
-    };
-    use std::os::fd::AsRawFd;
-    // SAFETY: One iovec over our own mapping, which outlives the pipe's use of it.
-    let n = unsafe { libc::vmsplice(tx.as_raw_fd(), &iov, 1, 0) };
-    ensure_eq!(n, PAGE as isize, "bytes vmsplice()d");
+    let pipe = Pipe::new()?;
+    ensure_eq!(pipe.vmsplice(map.addr, PAGE)?, PAGE, "bytes vmsplice()d");
     let held = coherent(ctx);
     let started = std::time::Instant::now();
     let r = dev.release(map.addr, 1);
@@ -1007,10 +1039,8 @@ fn release_with_spliced_page(ctx: &Ctx) -> R {
         drop(dev);
     }
     verify(map.bytes(), seed, "pages after the refused eviction")?;
-    let mut page = vec![0u8; PAGE];
-    std::io::Read::read_exact(&mut &rx, &mut page)?;
-    ensure!(page == map.bytes()[..PAGE], "the pipe's copy of page 0 differs");
-    drop((rx, tx));
+    ensure!(pipe.read(PAGE)? == map.bytes()[..PAGE], "the pipe's copy of page 0 differs");
+    drop(pipe);
     let dev = Dev::open(&ctx.path())?;
     dev.release(map.addr, 1)?;
     let s = settled(ctx.variant(), 0)?;
