@@ -1031,6 +1031,15 @@ fn release_with_spliced_page(ctx: &Ctx) -> R {
         );
         ensure!(started.elapsed() < Duration::from_secs(10), "RELEASE waited {:?}", started.elapsed());
         ensure!(stats(ctx.variant())?.get("chunks") > 0, "chunks after a refused RELEASE");
+        // A signal ends the wait early: without SA_RESTART, the ioctl says EINTR.
+        let (r, took) = release_interrupted(&dev, map.addr)?;
+        ensure_eq!(
+            r.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EINTR)),
+            "RELEASE interrupted by a signal"
+        );
+        ensure!(took < Duration::from_millis(1500), "interrupted RELEASE took {took:?}");
+        ensure!(stats(ctx.variant())?.get("chunks") > 0, "chunks after an interrupted RELEASE");
         // The last close cannot evict it either, and does not wait for it for ever.
         drop(dev);
         ensure!(stats(ctx.variant())?.get("chunks") > 0, "chunks after the last close");
@@ -1046,6 +1055,38 @@ fn release_with_spliced_page(ctx: &Ctx) -> R {
     let s = settled(ctx.variant(), 0)?;
     ensure_eq!(s.get("chunks"), 0, "chunks after RELEASE");
     verify(map.bytes(), seed, "pages after RELEASE")
+}
+
+/// RELEASE on another thread, sent a signal (a handler without `SA_RESTART`) 300 ms in: its
+/// result, and how long it took.
+fn release_interrupted(dev: &Dev, addr: usize) -> R<(std::io::Result<()>, Duration)> {
+    extern "C" fn nothing(_: libc::c_int) {}
+    // SAFETY: All zeroes is a valid `sigaction`: no flags, an empty mask.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = nothing as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: As above.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: Both structures are valid; the handler is async-signal-safe (it does nothing).
+    ensure_eq!(unsafe { libc::sigaction(libc::SIGUSR1, &act, &mut old) }, 0, "sigaction");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let joined = std::thread::scope(|s| {
+        let t = s.spawn(move || {
+            // SAFETY: No preconditions.
+            let _ = tx.send(unsafe { libc::pthread_self() });
+            let started = std::time::Instant::now();
+            let r = dev.release(addr, 1);
+            (r, started.elapsed())
+        });
+        if let Ok(thread) = rx.recv() {
+            std::thread::sleep(Duration::from_millis(300));
+            // SAFETY: The thread is joinable until joined below, so its id is valid.
+            unsafe { libc::pthread_kill(thread, libc::SIGUSR1) };
+        }
+        t.join()
+    });
+    // SAFETY: Puts back the action saved above.
+    unsafe { libc::sigaction(libc::SIGUSR1, &old, std::ptr::null_mut()) };
+    joined.map_err(|_| Fail::Fail("the RELEASE thread panicked".into()))
 }
 
 fn rmmod_with_pages(ctx: &Ctx) -> R {
