@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! The ioctl ABI of `lib/test_hmm_uapi.h`, which the upstream `hmm-tests` selftest speaks.
+//!
+//! Userspace's copy (`crates/abi/src/uapi.rs`) documents the errnos of each command.
 
 use kernel::ioctl::_IOWR;
 

@@ -19,6 +19,7 @@
 //! output in `build.log` there); the verdicts go to `<out>/compile-fail.ktap`, one result per
 //! case with the reason of a failure in a diagnostic line before it.
 
+use dmirror_abi::ktap::Ktap;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -376,24 +377,19 @@ pub fn judge_case(name: &str, expect: &Expect, misuse: &Build, control: &Build) 
 /// The KTAP of a run: one result per case, the reason of a failure in a diagnostic line
 /// `# <name>: <reason>` just before it.
 pub fn ktap(results: &[CaseResult]) -> String {
-    let mut out = format!(
-        "KTAP version 1\n# {SUITE}: each misuse must fail with its error code, each control must build\n1..{}\n",
-        results.len()
-    );
-    for (i, r) in results.iter().enumerate() {
-        if r.ok {
-            out.push_str(&format!("ok {} {}\n", i + 1, r.name));
-        } else {
-            out.push_str(&format!(
-                "# {}: {}\nnot ok {} {}\n",
-                r.name,
-                one_line(&r.note),
-                i + 1,
-                r.name
-            ));
+    let mut k = Ktap::buffer();
+    k.version();
+    k.comment(&format!(
+        "{SUITE}: each misuse must fail with its error code, each control must build"
+    ));
+    k.plan(results.len());
+    for r in results {
+        if !r.ok {
+            k.comment(&format!("{}: {}", r.name, one_line(&r.note)));
         }
+        k.result(r.ok, &r.name);
     }
-    out
+    k.into_string()
 }
 
 /// `text` on one line, so that it stays one KTAP diagnostic line.

@@ -1,35 +1,8 @@
-//! The kernel-log scanner: any line that reports a kernel bug fails the run.
+//! The kernel-log scanner: any line that reports a kernel bug fails the run. What a report
+//! looks like is [`dmirror_abi::report`]'s, which the guest's programs share.
 
+use dmirror_abi::report;
 use serde::Serialize;
-
-/// Substrings that mark a kernel report, matched case-sensitively, with the
-/// name a finding is filed under.
-const PATTERNS: &[(&str, &str)] = &[
-    ("BUG:", "BUG"),
-    ("kernel BUG at", "BUG"),
-    ("WARNING:", "WARNING"),
-    ("Oops", "Oops"),
-    ("general protection fault", "Oops"),
-    ("Kernel panic", "panic"),
-    ("KASAN", "KASAN"),
-    ("refcount_t:", "refcount_t"),
-    ("bad page", "bad page"),
-    ("Bad page", "bad page"),
-    // Lockdep's reports start with `WARNING:` or `BUG:`; these catch the rest of its output
-    // without matching its boot banner ("RCU lockdep checking is enabled").
-    ("lockdep is turned off", "lockdep"),
-    ("DEBUG_LOCKS_WARN_ON", "lockdep"),
-    ("suspicious RCU usage", "lockdep"),
-    ("possible circular locking", "lockdep"),
-    ("possible recursive locking", "lockdep"),
-    ("inconsistent lock state", "lockdep"),
-    ("hung task", "hung task"),
-    ("blocked for more than", "hung task"),
-    ("soft lockup", "soft lockup"),
-    ("hard LOCKUP", "hard lockup"),
-    ("unreferenced object", "kmemleak"),
-    ("UBSAN:", "UBSAN"),
-];
 
 /// Lines around a finding that are kept with it.
 const BEFORE: usize = 3;
@@ -56,7 +29,7 @@ pub fn scan(text: &str) -> Vec<Finding> {
     let mut findings: Vec<Finding> = Vec::new();
     let mut covered_until = 0usize;
     for (i, line) in lines.iter().enumerate() {
-        let Some(kind) = PATTERNS.iter().find(|(p, _)| line.contains(p)).map(|(_, k)| *k) else {
+        let Some(kind) = report::kind(line) else {
             continue;
         };
         if i < covered_until {

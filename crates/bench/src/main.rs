@@ -47,7 +47,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Guest memory: RAM, two legacy pmem regions (`/dev/pmem0` for FS-DAX,
 /// `/dev/pmem1` for O_DIRECT and device-DAX; RAM between them keeps them
-/// apart) and the reserved range for coherent devices (KERNEL-NOTES §2).
+/// apart) and the reserved range for coherent devices (docs/driver.md, "Module parameters").
 const GUEST_MEM: &str = "3G";
 const GUEST_CPUS: u32 = 2;
 const QEMU: &str = "qemu-system-x86_64";

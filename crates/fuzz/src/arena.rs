@@ -14,7 +14,8 @@
 //! or the THP takes its source from the mirror at the same offset, so even a WRITE that
 //! succeeds leaves them as they were.
 
-use dmirror_suite::hmm::{fill, Cmd, PAGE, THP};
+use dmirror_abi::uapi::{Cmd, PAGE};
+use dmirror_suite::hmm::{fill, THP};
 use std::os::fd::AsRawFd;
 
 /// What a page of the arena is.

@@ -3,10 +3,11 @@
 //!
 //! # The contract checked
 //!
-//! Before it looks at anything else, the driver refuses a request that is not one of its ten
-//! (`ENOTTY`, whatever the argument), a command block it cannot read (`EFAULT`), and a range
-//! that is empty, not page-aligned or wraps around the address space, `npages * 4096`
-//! included (`EINVAL`). Those answers are exact.
+//! The driver's contract is written on the commands of [`dmirror_abi::uapi`]. Before it looks
+//! at anything else, the driver refuses a request that is not one of its ten (`ENOTTY`,
+//! whatever the argument), a command block it cannot read (`EFAULT`), and a range that is
+//! empty, not page-aligned or wraps around the address space, `npages * 4096` included
+//! (`EINVAL`). Those answers are checked exactly.
 //!
 //! Past them, each command's answer depends on what the range holds, page by page up to the
 //! first unmapped one ([`Arena::path`]), and on whether `ptr` has room for what the command
@@ -26,7 +27,12 @@ use crate::shared::{
     errno_name, now_ns, Shared, CAT_BAD_FIELDS, CAT_BAD_POINTER, CAT_COMMAND, CAT_UNKNOWN,
     RELEASE_EVERY,
 };
-use dmirror_suite::hmm::{ioc, iowr, valid_prot, Cmd, Rng, COMMANDS, PAGE, PROT_ERROR};
+use dmirror_abi::uapi::nr::{
+    CHECK_EXCLUSIVE, EXCLUSIVE, MIGRATE_TO_DEV, MIGRATE_TO_SYS, READ, READ_UNLOCKED, RELEASE,
+    SNAPSHOT, WRITE,
+};
+use dmirror_abi::uapi::{ioc, iowr, valid_prot, Cmd, COMMANDS, PAGE, PROT_ERROR};
+use dmirror_suite::hmm::Rng;
 use std::sync::atomic::Ordering;
 
 /// Bit 0: success; bit `e`: errno `e`.
@@ -37,18 +43,6 @@ pub const OK: Allowed = 1;
 pub const fn bit(e: i32) -> Allowed {
     1 << e
 }
-
-/// Command numbers.
-pub const READ: u64 = 0;
-pub const WRITE: u64 = 1;
-pub const MIGRATE_TO_DEV: u64 = 2;
-pub const MIGRATE_TO_SYS: u64 = 3;
-pub const SNAPSHOT: u64 = 4;
-pub const EXCLUSIVE: u64 = 5;
-pub const CHECK_EXCLUSIVE: u64 = 6;
-pub const RELEASE: u64 = 7;
-pub const FLAGS: u64 = 8;
-pub const READ_UNLOCKED: u64 = 9;
 
 /// `npages` at most, in the random phase, for a command that hung with the largest one.
 pub const HUNG_CAP: u64 = 1 << 16;

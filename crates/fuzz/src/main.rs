@@ -24,10 +24,11 @@ mod probe;
 mod shared;
 mod worker;
 
+use dmirror_abi::ktap::Ktap;
 use dmirror_suite::harness::Fail;
 use dmirror_suite::inspect::{self, Kmsg};
 use shared::{errno_name, now_ns, Shared, CATEGORIES, CAT_HUGE, ERRNOS, PROBE_SLOTS, SLOTS};
-use std::io::Write;
+use std::io::{Stdout, Write};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -103,29 +104,12 @@ fn load(o: &Opts) -> Result<(), String> {
     inspect::load(&o.module, &o.args).map_err(fail)
 }
 
-/// Prints KTAP results in order.
-struct Ktap {
-    n: usize,
-    failed: usize,
-}
-
-impl Ktap {
-    /// Prints test `name`: its diagnostics, then its result.
-    fn result(&mut self, name: &str, ok: bool, diag: &[String]) {
-        self.n += 1;
-        for d in diag {
-            for line in d.lines() {
-                println!("# {name}: {line}");
-            }
-        }
-        if ok {
-            println!("ok {} {name}", self.n);
-        } else {
-            self.failed += 1;
-            println!("not ok {} {name}", self.n);
-        }
-        let _ = std::io::stdout().flush();
+/// Prints test `name`: its diagnostics, then its result.
+fn result(k: &mut Ktap<Stdout>, name: &str, ok: bool, diag: &[String]) {
+    for d in diag {
+        k.diag_of(name, d);
     }
+    k.result(ok, name);
 }
 
 /// The tests, in order.
@@ -137,13 +121,13 @@ fn main() {
     let mut kmsg = Kmsg::open();
     kmsg.skip_to_end();
     let started = Instant::now();
-    println!("KTAP version 1");
-    println!(
-        "# dmirror-fuzz: seed {} (replay with --seed {}), {} calls, {} threads",
+    let mut k = Ktap::stdout();
+    k.version();
+    k.comment(&format!(
+        "dmirror-fuzz: seed {} (replay with --seed {}), {} calls, {} threads",
         opts.seed, opts.seed, opts.calls, opts.threads
-    );
-    println!("1..{TESTS}");
-    let mut k = Ktap { n: 0, failed: 0 };
+    ));
+    k.plan(TESTS);
 
     // 1: a fresh load with the coherent ranges.
     let loaded = load(&opts);
@@ -152,15 +136,16 @@ fn main() {
         .collect();
     match loaded {
         Err(m) => {
-            k.result("load", false, &[m]);
-            for t in 2..=TESTS {
-                println!("not ok {t} skipped # dmirror.ko did not load");
+            result(&mut k, "load", false, &[m]);
+            for _ in 2..=TESTS {
+                k.result_with(false, "skipped", "dmirror.ko did not load");
             }
             std::process::exit(1);
         }
         Ok(()) => {
             let d: Vec<String> = devices.iter().map(|d| format!("hmm_dmirror{d}")).collect();
-            k.result(
+            result(
+                &mut k,
                 "load",
                 !devices.is_empty(),
                 &[format!("device nodes: {}", d.join(" "))],
@@ -176,7 +161,7 @@ fn main() {
     let violations = shared.categories[CAT_HUGE]
         .violations
         .load(Ordering::Relaxed);
-    k.result("huge_npages", returned && violations == 0, &diag);
+    result(&mut k, "huge_npages", returned && violations == 0, &diag);
     let hung = shared.hung.load(Ordering::Relaxed);
     for nr in 0..10 {
         if hung & (1 << nr) != 0 {
@@ -222,7 +207,7 @@ fn main() {
             diag.push("no call of this kind was made".into());
         }
         diag.extend(shared.violations(cat));
-        k.result(name, calls > 0 && violations == 0, &diag);
+        result(&mut k, name, calls > 0 && violations == 0, &diag);
     }
 
     // 16: nothing hung.
@@ -230,13 +215,13 @@ fn main() {
     if status != Some(0) {
         diag.push(format!("the worker ended with wait status {status:x?}"));
     }
-    k.result("no_hang", stuck.is_empty() && status == Some(0), &diag);
+    result(&mut k, "no_hang", stuck.is_empty() && status == Some(0), &diag);
 
     // 17: the worker's memory.
     let (ok, text) = shared
         .arena()
         .unwrap_or((false, "the worker did not get to check its memory".into()));
-    k.result("arena_intact", ok, &[text]);
+    result(&mut k, "arena_intact", ok, &[text]);
 
     // 18: the kernel log.
     let reports = kmsg.reports();
@@ -244,7 +229,7 @@ fn main() {
     if reports.len() > 20 {
         diag.push(format!("... {} reports in all", reports.len()));
     }
-    k.result("kernel_log", reports.is_empty(), &diag);
+    result(&mut k, "kernel_log", reports.is_empty(), &diag);
 
     // 19: every device idle and consistent.
     let mut diag = Vec::new();
@@ -264,7 +249,7 @@ fn main() {
             }
         }
     }
-    k.result("devices_idle", idle, &diag);
+    result(&mut k, "devices_idle", idle, &diag);
 
     // 20: the module unloads.
     let unloaded = inspect::unload().and_then(|()| {
@@ -275,13 +260,13 @@ fn main() {
         }
     });
     match unloaded {
-        Ok(()) => k.result("unload", true, &[]),
+        Ok(()) => result(&mut k, "unload", true, &[]),
         Err(Fail::Fail(m) | Fail::Skip(m)) => {
             let mut diag = vec![m];
             if hung != 0 {
                 diag.push("a probe call that never returned still holds a device".into());
             }
-            k.result("unload", false, &diag)
+            result(&mut k, "unload", false, &diag)
         }
     }
 
@@ -293,10 +278,10 @@ fn main() {
         started.elapsed().as_secs_f64(),
         shared.fin.forks.load(Ordering::Relaxed),
         shared.fin.reopens.load(Ordering::Relaxed),
-        k.failed,
+        k.failed(),
         opts.seed
     );
-    std::process::exit(i32::from(k.failed > 0))
+    std::process::exit(i32::from(k.failed() > 0))
 }
 
 /// Counts by result of a category, on one line.

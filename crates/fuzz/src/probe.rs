@@ -14,12 +14,13 @@
 //! hangs: the probe names it and goes on in a new child without that command (the stuck child
 //! cannot be killed while it is in the kernel; it runs at `SCHED_IDLE`).
 
-use crate::call::{
-    allowed_names, bit, known, max_npages, name, Allowed, CHECK_EXCLUSIVE, EXCLUSIVE, FLAGS,
-    KERNEL, MIGRATE_TO_DEV, MIGRATE_TO_SYS, OK, READ, READ_UNLOCKED, RELEASE, SNAPSHOT, WRITE,
-};
+use crate::call::{allowed_names, bit, known, max_npages, name, Allowed, KERNEL, OK};
 use crate::shared::{errno_name, now_ns, Shared, CAT_HUGE, PROBE_SLOTS};
-use dmirror_suite::hmm::{iowr, Cmd, PAGE};
+use dmirror_abi::uapi::nr::{
+    CHECK_EXCLUSIVE, EXCLUSIVE, FLAGS, MIGRATE_TO_DEV, MIGRATE_TO_SYS, READ, READ_UNLOCKED,
+    RELEASE, SNAPSHOT, WRITE,
+};
+use dmirror_abi::uapi::{iowr, Cmd, PAGE};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -273,10 +273,7 @@ impl Slot {
 
 /// The name of an ioctl request (by its low 32 bits, as the kernel sees it).
 pub fn command_name(req: u64) -> &'static str {
-    dmirror_suite::hmm::COMMANDS
-        .iter()
-        .find(|(r, _)| *r == req & 0xffff_ffff)
-        .map_or("an unknown command", |(_, n)| n)
+    dmirror_abi::uapi::command_name(req).unwrap_or("an unknown command")
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds, the same clock in every process.

@@ -23,10 +23,11 @@
 //! Neither module's own functions are traceable (lib/ builds without ftrace hooks, Rust code
 //! has none), so the profile shows the core mm functions each driver's code spends time in.
 
-use dmirror_suite::hmm::{
-    Dev, Map, Rng, MIGRATE_TO_DEV, MIGRATE_TO_SYS, PAGE, PROT_DEV_MASK, READ, THP, WRITE,
-};
+use dmirror_abi::ktap::Ktap;
+use dmirror_abi::uapi::{MIGRATE_TO_DEV, MIGRATE_TO_SYS, PAGE, PROT_DEV_MASK, READ, WRITE};
+use dmirror_suite::hmm::{Dev, Map, Rng, THP};
 use std::ffi::CString;
+use std::io::Stdout;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
@@ -460,27 +461,14 @@ fn main() {
     let o = parse_args();
     let largest = *o.sizes.last().expect("sizes") * MIB;
     let sizes: Vec<usize> = o.sizes.iter().map(|s| s * MIB).collect();
-    println!("KTAP version 1");
-    println!(
-        "# dmirror-perf: seed {} reps {} warmup {} sizes {:?} MiB",
+    let mut k = Ktap::stdout();
+    k.version();
+    k.comment(&format!(
+        "dmirror-perf: seed {} reps {} warmup {} sizes {:?} MiB",
         o.seed, o.reps, o.warmup, o.sizes
-    );
-    println!("# timings under TCG are only meaningful as ratios within this boot");
-    let tests = 2 + 2 * (o.warmup + o.reps);
-    println!("1..{tests}");
-    let mut n = 0;
-    let mut failed = 0;
-    let mut result = |ok: Res, name: &str| {
-        n += 1;
-        match ok {
-            Ok(()) => println!("ok {n} {name}"),
-            Err(e) => {
-                failed += 1;
-                println!("# {name}: {e}");
-                println!("not ok {n} {name}");
-            }
-        }
-    };
+    ));
+    k.comment("timings under TCG are only meaningful as ratios within this boot");
+    k.plan(2 + 2 * (o.warmup + o.reps));
     for d in [Driver::C, Driver::Rust] {
         if loaded(d.module()) {
             if let Err(e) = unload(d.module()) {
@@ -489,16 +477,16 @@ fn main() {
         }
     }
     // Before the buffers, so that its own are gone by then.
-    result(ceiling(largest, o.reps), "memcpy_ceiling");
+    result(&mut k, ceiling(largest, o.reps), "memcpy_ceiling");
     let bufs = match Buffers::new(largest) {
         Ok(b) => b,
         Err(e) => {
-            println!("# buffers: {e}");
-            println!("Bail out! cannot map the buffers");
+            k.comment(&format!("buffers: {e}"));
+            k.bail_out("cannot map the buffers");
             std::process::exit(1);
         }
     };
-    result(thp_backing(&bufs, largest), "thp_backing");
+    result(&mut k, thp_backing(&bufs, largest), "thp_backing");
     let mut rng = Rng::new(o.seed);
     let warm_sizes: Vec<usize> = sizes.iter().copied().take(2).collect();
     let mut turns = Vec::new();
@@ -535,9 +523,17 @@ fn main() {
         let t = Instant::now();
         let r = turn.run(sz, ko);
         println!("# {name}: {:.1} s", t.elapsed().as_secs_f64());
-        result(r, &name);
+        result(&mut k, r, &name);
     }
-    std::process::exit(i32::from(failed != 0))
+    std::process::exit(i32::from(k.failed() != 0))
+}
+
+/// Prints the result of test `name`, the reason of a failure in a diagnostic line before it.
+fn result(k: &mut Ktap<Stdout>, r: Res, name: &str) {
+    if let Err(e) = &r {
+        k.comment(&format!("{name}: {e}"));
+    }
+    k.result(r.is_ok(), name);
 }
 
 /// Page offsets between the ceiling's source and destination tried for each sample.

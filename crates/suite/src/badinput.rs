@@ -4,11 +4,12 @@
 //! device nodes and of debugfs.
 
 use crate::harness::{Case, Ctx, Fail, Fixture, R};
-use crate::hmm::{
-    fill, ioc, iowr, valid_prot, verify, Cmd, Dev, Map, CHECK_EXCLUSIVE, COMMANDS, EXCLUSIVE,
-    FLAGS, MIGRATE_TO_DEV, MIGRATE_TO_SYS, PAGE, PROT_ERROR, READ, READ_UNLOCKED, SNAPSHOT, WRITE,
-};
+use crate::hmm::{fill, verify, Dev, Map};
 use crate::{diag, ensure, ensure_eq};
+use dmirror_abi::uapi::{
+    command_name, ioc, iowr, valid_prot, Cmd, CHECK_EXCLUSIVE, COMMANDS, EXCLUSIVE, FLAGS,
+    MIGRATE_TO_DEV, MIGRATE_TO_SYS, PAGE, PROT_ERROR, READ, READ_UNLOCKED, SNAPSHOT, WRITE,
+};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -94,10 +95,7 @@ fn expect<T>(what: &str, r: &io::Result<T>, want: i32) -> R {
 
 /// The command name of a request.
 fn cmd_name(req: u64) -> &'static str {
-    COMMANDS
-        .iter()
-        .find(|(r, _)| *r == req)
-        .map_or("?", |(_, n)| n)
+    command_name(req).unwrap_or("?")
 }
 
 /// A page-aligned address with nothing mapped: a page mapped, then unmapped.

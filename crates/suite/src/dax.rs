@@ -2,9 +2,10 @@
 //! ZONE_DEVICE pages of other drivers, their references seen through dmirror's pfn probe.
 
 use crate::harness::{Case, Ctx, Fail, Fixture, R};
-use crate::hmm::{fill, verify, Map, Pipe, PAGE, THP};
+use crate::hmm::{fill, verify, Map, Pipe, THP};
 use crate::inspect::{pfn_of, probe, Probe};
 use crate::{diag, ensure, ensure_eq};
+use dmirror_abi::uapi::{ioc, PAGE};
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -329,12 +330,13 @@ struct PinLongterm {
     flags: u32,
 }
 
-const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
-    (dir << 30) | ((size as u64) << 16) | ((b'g' as u64) << 8) | nr
+/// `_IOC(dir, 'g', nr, size)`: a request of `gup_test`.
+const fn ioc_g(dir: u64, nr: u64, size: usize) -> u64 {
+    ioc(dir, b'g' as u64, nr, size as u64)
 }
-const PIN_BASIC_TEST: u64 = ioc(3, 5, std::mem::size_of::<GupTest>());
-const PIN_LONGTERM_TEST_START: u64 = ioc(1, 7, std::mem::size_of::<PinLongterm>());
-const PIN_LONGTERM_TEST_STOP: u64 = ioc(0, 8, 0);
+const PIN_BASIC_TEST: u64 = ioc_g(3, 5, std::mem::size_of::<GupTest>());
+const PIN_LONGTERM_TEST_START: u64 = ioc_g(1, 7, std::mem::size_of::<PinLongterm>());
+const PIN_LONGTERM_TEST_STOP: u64 = ioc_g(0, 8, 0);
 const FOLL_WRITE: u32 = 1;
 const PIN_LONGTERM_TEST_FLAG_USE_WRITE: u32 = 1;
 

@@ -2,11 +2,10 @@
 //! data integrity, fork, unmapping and remapping, concurrency, memory pressure, teardown.
 
 use crate::harness::{Case, Ctx, Fail, Fixture, Variant, R};
-use crate::hmm::{
-    self, fill, local_prot, verify, verify_zero, Dev, Map, Pipe, Rng, PAGE, THP, THP_PAGES,
-};
+use crate::hmm::{fill, local_prot, verify, verify_zero, Dev, Map, Pipe, Rng, THP, THP_PAGES};
 use crate::inspect::{self, settled, stats};
 use crate::{diag, ensure, ensure_eq};
+use dmirror_abi::uapi::{self, PAGE};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::os::unix::fs::OpenOptionsExt;
@@ -76,7 +75,7 @@ fn on_device(ctx: &Ctx, dev: &Dev, map: &Map, on: impl Fn(usize) -> bool) -> R {
     let snap = dev.snapshot(map.addr, map.npages())?;
     let want = local_prot(coherent(ctx));
     for (i, &s) in snap.iter().enumerate() {
-        let here = s & hmm::PROT_DEV_MASK == want;
+        let here = s & uapi::PROT_DEV_MASK == want;
         ensure!(
             here == on(i),
             "page {i}: snapshot {s:#x}, expected {}in device memory",
@@ -138,7 +137,7 @@ fn migrate_thp_counted(ctx: &Ctx) -> R {
     ensure_eq!(s.get("large_folios"), 1, "device THPs");
     ensure_eq!(s.get("large_pages"), THP_PAGES as u64, "pages in device THPs");
     let snap = dev.snapshot(map.addr, 1)?;
-    ensure!(snap[0] & hmm::PROT_PMD != 0, "device THP not PMD-mapped: {:#x}", snap[0]);
+    ensure!(snap[0] & uapi::PROT_PMD != 0, "device THP not PMD-mapped: {:#x}", snap[0]);
     // A CPU read of one byte brings the whole folio back (coherent memory is read in place).
     verify(map.bytes(), seed, "CPU read of the device THP")?;
     if !coherent(ctx) {
@@ -632,7 +631,7 @@ fn exclusive_races_dontneed(ctx: &Ctx) -> R {
                 unsafe { libc::madvise(map.addr as *mut _, PAGE, libc::MADV_DONTNEED) };
             });
             // The ioctl's result is the race's business; only the state after it is checked.
-            let _ = dev.cmd(hmm::EXCLUSIVE, map.addr, buf.addr, 1);
+            let _ = dev.cmd(uapi::EXCLUSIVE, map.addr, buf.addr, 1);
         });
         let seen = dev.read(map.addr, 1)?;
         let cpu = map.bytes()[0];
@@ -819,7 +818,7 @@ fn fail_alloc_every_path(ctx: &Ctx) -> R {
         "MIGRATE_TO_DEV with a failed allocation: {r:?}"
     );
     let snap = dev.snapshot(pages.addr, 8)?;
-    let on = snap.iter().filter(|&&s| s & hmm::PROT_DEV_MASK == local_prot(coherent(ctx))).count();
+    let on = snap.iter().filter(|&&s| s & uapi::PROT_DEV_MASK == local_prot(coherent(ctx))).count();
     ensure_eq!(on, 7, "pages on the device after one failed allocation");
     settled(ctx.variant(), 7)?;
     verify(pages.bytes(), 8, "pages after the failed allocation")?;
@@ -995,7 +994,7 @@ fn release_with_pages(ctx: &Ctx) -> R {
     let dev = Dev::open(&ctx.path())?;
     let (pages, huge) = some_on_device(ctx, &dev)?;
     // The ABI checks the range of every command, RELEASE's too, though it evicts everything.
-    let err = dev.cmd(hmm::RELEASE, 0, 0, 0).unwrap_err();
+    let err = dev.cmd(uapi::RELEASE, 0, 0, 0).unwrap_err();
     ensure_eq!(err.raw_os_error(), Some(libc::EINVAL), "RELEASE with no range");
     dev.release(pages.addr, 1)?;
     let s = settled(ctx.variant(), 0)?;

@@ -6,6 +6,7 @@
 //! counters before and after: nothing allocated, every free page at refcount zero.
 
 use crate::inspect::{self, Kmsg};
+use dmirror_abi::ktap::Ktap;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -243,48 +244,45 @@ pub fn main(cases: &[Case], regress: &[Case]) -> i32 {
         return 0;
     }
 
-    println!("KTAP version 1");
-    println!("# dmirror-suite: seed {} (replay with --seed {})", config.seed, config.seed);
-    println!("1..{}", planned.len());
-    let _ = std::io::stdout().flush();
+    let mut k = Ktap::stdout();
+    k.version();
+    k.comment(&format!(
+        "dmirror-suite: seed {} (replay with --seed {})",
+        config.seed, config.seed
+    ));
+    k.plan(planned.len());
     let mut kmsg = Kmsg::open();
-    let mut failed = 0;
     let mut loaded_ok = inspect::ensure_loaded(&config).is_ok();
-    for (n, p) in planned.iter().enumerate() {
-        let n = n + 1;
+    for p in &planned {
         let started = Instant::now();
         let outcome = if !loaded_ok {
             Err(Fail::Fail("dmirror.ko could not be loaded".into()))
         } else {
             run_one(p, &config, &mut kmsg)
         };
-        let secs = started.elapsed().as_secs_f64();
+        let took = started.elapsed();
         match outcome {
-            Ok(()) => println!("ok {n} {} # {secs:.1}s", p.name),
-            Err(Fail::Skip(why)) => println!("ok {n} {} # SKIP {why}", p.name),
+            Ok(()) => k.ok_in(&p.name, took),
+            Err(Fail::Skip(why)) => k.skip(&p.name, &why),
             Err(Fail::Fail(why)) => {
-                failed += 1;
-                for line in why.lines() {
-                    println!("# {line}");
-                }
-                println!("not ok {n} {}", p.name);
+                k.diag(&why);
+                k.not_ok(&p.name);
             }
         }
-        let _ = std::io::stdout().flush();
         // A case that reloads the module restores it; if it could not, say so once.
         if loaded_ok && inspect::ensure_loaded(&config).is_err() {
-            println!("# dmirror.ko is gone and could not be reloaded");
+            k.comment("dmirror.ko is gone and could not be reloaded");
             loaded_ok = false;
         }
     }
     let _ = inspect::unload();
-    println!(
-        "# dmirror-suite: {} cases, {} failed, seed {}",
+    k.comment(&format!(
+        "dmirror-suite: {} cases, {} failed, seed {}",
         planned.len(),
-        failed,
+        k.failed(),
         config.seed
-    );
-    i32::from(failed > 0)
+    ));
+    i32::from(k.failed() > 0)
 }
 
 /// Runs one case in a forked child, then checks what it left behind.

@@ -1,86 +1,19 @@
-//! The ioctl ABI of `lib/test_hmm_uapi.h`, anonymous buffers, and data patterns.
+//! The device node and its commands, anonymous buffers, and data patterns. The ioctl ABI
+//! itself (`lib/test_hmm_uapi.h`) is in [`dmirror_abi::uapi`].
 
 use crate::ensure;
 use crate::harness::{Fail, R};
+use dmirror_abi::uapi::{
+    Cmd, FLAGS, FLAG_FAIL_ALLOC, MIGRATE_TO_DEV, MIGRATE_TO_SYS, PAGE, PROT_DEV_COHERENT_LOCAL,
+    PROT_DEV_PRIVATE_LOCAL, READ, RELEASE, SNAPSHOT, WRITE,
+};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-pub const PAGE: usize = 4096;
 /// Pages in a PMD-sized huge page.
 pub const THP_PAGES: usize = 512;
 pub const THP: usize = PAGE * THP_PAGES;
-
-/// `struct hmm_dmirror_cmd`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Cmd {
-    pub addr: u64,
-    pub ptr: u64,
-    pub npages: u64,
-    pub cpages: u64,
-    pub faults: u64,
-}
-
-/// `_IOC(dir, ty, nr, size)`: an ioctl number (`dir` 0 none, 1 write, 2 read, 3 both).
-pub const fn ioc(dir: u64, ty: u64, nr: u64, size: u64) -> u64 {
-    (dir << 30) | (size << 16) | (ty << 8) | nr
-}
-
-/// `_IOWR('H', nr, struct hmm_dmirror_cmd)`.
-pub const fn iowr(nr: u64) -> u64 {
-    ioc(3, b'H' as u64, nr, std::mem::size_of::<Cmd>() as u64)
-}
-
-pub const READ: u64 = iowr(0);
-pub const WRITE: u64 = iowr(1);
-pub const MIGRATE_TO_DEV: u64 = iowr(2);
-pub const MIGRATE_TO_SYS: u64 = iowr(3);
-pub const SNAPSHOT: u64 = iowr(4);
-pub const EXCLUSIVE: u64 = iowr(5);
-pub const CHECK_EXCLUSIVE: u64 = iowr(6);
-pub const RELEASE: u64 = iowr(7);
-pub const FLAGS: u64 = iowr(8);
-pub const READ_UNLOCKED: u64 = iowr(9);
-
-/// The ten commands, by number, with their names in `lib/test_hmm_uapi.h` (less the prefix).
-pub const COMMANDS: [(u64, &str); 10] = [
-    (READ, "READ"),
-    (WRITE, "WRITE"),
-    (MIGRATE_TO_DEV, "MIGRATE_TO_DEV"),
-    (MIGRATE_TO_SYS, "MIGRATE_TO_SYS"),
-    (SNAPSHOT, "SNAPSHOT"),
-    (EXCLUSIVE, "EXCLUSIVE"),
-    (CHECK_EXCLUSIVE, "CHECK_EXCLUSIVE"),
-    (RELEASE, "RELEASE"),
-    (FLAGS, "FLAGS"),
-    (READ_UNLOCKED, "READ_UNLOCKED"),
-];
-
-/// FLAGS bit: fail the next device memory allocation.
-pub const FLAG_FAIL_ALLOC: u64 = 1;
-
-/// SNAPSHOT: the page is in this device's memory (private or coherent).
-pub const PROT_DEV_PRIVATE_LOCAL: u8 = 0x20;
-pub const PROT_DEV_COHERENT_LOCAL: u8 = 0x40;
-pub const PROT_PMD: u8 = 0x04;
-pub const PROT_DEV_MASK: u8 = 0xf0;
-/// SNAPSHOT: no page could be described (no VMA, or one HMM cannot read).
-pub const PROT_ERROR: u8 = 0xff;
-
-/// Whether `b` is a byte SNAPSHOT can write: `PROT_ERROR`, `NONE` (0), or one of the page
-/// kinds (system, zero page, private or coherent, local or remote) with exactly one of READ
-/// and WRITE, and maybe PMD.
-pub fn valid_prot(b: u8) -> bool {
-    if b == 0 || b == PROT_ERROR {
-        return true;
-    }
-    let kind = b & PROT_DEV_MASK;
-    let rw = b & 0x03;
-    matches!(kind, 0x00 | 0x10 | 0x20 | 0x30 | 0x40 | 0x50)
-        && (rw == 0x01 || rw == 0x02)
-        && b & 0x08 == 0
-}
 
 /// An open device node.
 pub struct Dev {

@@ -2,6 +2,7 @@
 //! probe, `/proc/self/pagemap`, the kernel log, and the module's presence.
 
 use crate::harness::{Config, Fail, Variant, R};
+use dmirror_abi::report;
 use std::collections::HashMap;
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -148,37 +149,6 @@ pub fn pfn_of(addr: usize) -> R<Option<u64>> {
     })
 }
 
-/// The words of a kernel report, as the host's dmesg scanner knows them.
-const REPORTS: &[&str] = &[
-    "BUG:",
-    "kernel BUG at",
-    "WARNING:",
-    "Oops",
-    "general protection fault",
-    "Kernel panic",
-    "KASAN",
-    "refcount_t:",
-    "bad page",
-    "Bad page",
-    "lockdep is turned off",
-    "DEBUG_LOCKS_WARN_ON",
-    "suspicious RCU usage",
-    "possible circular locking",
-    "possible recursive locking",
-    "inconsistent lock state",
-    "hung task",
-    "blocked for more than",
-    "soft lockup",
-    "hard LOCKUP",
-    "unreferenced object",
-    "UBSAN:",
-];
-
-/// Returns whether a kernel log line is a report.
-pub fn is_report(line: &str) -> bool {
-    REPORTS.iter().any(|w| line.contains(w))
-}
-
 /// A reader of the kernel log from a point on, without consuming it (`/dev/kmsg`).
 pub struct Kmsg(Option<std::fs::File>);
 
@@ -228,9 +198,10 @@ impl Kmsg {
         out
     }
 
-    /// Returns the report lines since the last call.
+    /// Returns the report lines since the last call (those the host's dmesg scanner fails
+    /// on: [`dmirror_abi::report`]).
     pub fn reports(&mut self) -> Vec<String> {
-        self.lines().into_iter().filter(|l| is_report(l)).collect()
+        self.lines().into_iter().filter(|l| report::is_report(l)).collect()
     }
 }
 

@@ -1,5 +1,6 @@
 //! The guest's zero-refcount test suite as a library: its binary (`dmirror-suite`) runs the
-//! cases; the benchmark (`dmirror-perf`) shares the ioctl ABI and the module helpers.
+//! cases; the fuzzer (`dmirror-fuzz`) and the benchmark (`dmirror-perf`) share its device
+//! handle, buffers, data patterns and module helpers. The ioctl ABI is `dmirror-abi`'s.
 
 pub mod badinput;
 pub mod dax;

@@ -1,9 +1,10 @@
 //! Cases on the module as a whole.
 
 use crate::harness::{Case, Ctx, Fail, Fixture, Variant, R};
-use crate::hmm::{fill, verify, Dev, Map, PAGE};
+use crate::hmm::{fill, verify, Dev, Map};
 use crate::inspect::{self, settled};
 use crate::{ensure, ensure_eq};
+use dmirror_abi::uapi::PAGE;
 
 pub const CASES: &[Case] = &[Case {
     name: "load_unload",

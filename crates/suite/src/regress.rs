@@ -4,11 +4,10 @@
 
 use crate::dax::{map_shared, open_rw, probe_at, probe_pfn, with_devdax};
 use crate::harness::{Case, Ctx, Fail, Fixture, Variant, R};
-use crate::hmm::{
-    fill, local_prot, verify, Dev, Map, Pipe, PAGE, PROT_DEV_MASK, PROT_PMD, THP, THP_PAGES,
-};
+use crate::hmm::{fill, local_prot, verify, Dev, Map, Pipe, THP, THP_PAGES};
 use crate::inspect::{settled, stats};
 use crate::{diag, ensure, ensure_eq};
+use dmirror_abi::uapi::{PAGE, PROT_DEV_MASK, PROT_PMD};
 
 pub const CASES: &[Case] = &[
     Case {
