@@ -42,6 +42,7 @@ use kernel::{
         },
         migrate::{LockedFolio, MigrateVma, OwnedFolio, Select},
     },
+    module::ModuleRef,
     new_condvar, new_mutex, new_spinlock_irq,
     page::PAGE_SIZE,
     prelude::*,
@@ -528,6 +529,9 @@ pub(crate) struct Memory {
     chunks: KVec<Pin<KBox<DevPagemap<Chunk>>>>,
     /// Evictions in progress: chunks taken out of `chunks` and not yet unregistered.
     releasing: usize,
+    /// Keeps the module loaded while `chunks` holds memory an eviction could not take back
+    /// (others hold pages of it): unloading fails with `EBUSY` rather than wait for them.
+    pinned: Option<ModuleRef>,
 }
 
 /// The memory of a device, locked for a run of allocations: see [`Device::allocator`].
@@ -664,6 +668,7 @@ impl Device {
                     Memory {
                         chunks: KVec::new(),
                         releasing: 0,
+                        pinned: None,
                     },
                     "dmirror::Device::memory"
                 ),
@@ -820,7 +825,8 @@ impl Device {
     ///
     /// A page that someone else holds (a pin, a pipe buffer) is waited for at most
     /// [`EVICT_TIMEOUT`]: then the memory stays registered and in use, nothing that could not
-    /// move is lost, and the error (`EBUSY`, or `ERESTARTSYS` for a signal) says so.
+    /// move is lost, and the error (`EBUSY`, or `ERESTARTSYS` for a signal) says so. Until an
+    /// eviction succeeds, the module cannot be unloaded (`EBUSY`).
     pub(crate) fn release(&self) -> Result {
         let chunks = {
             let mut memory = self.memory.lock();
@@ -846,9 +852,9 @@ impl Device {
             }
             Err(e) => {
                 pr_warn!(
-                    "hmm_dmirror{}: device memory still in use, kept: {:?}\n",
+                    "hmm_dmirror{}: device memory still in use, kept (error {}); unloading refused until it is evicted\n",
                     self.id,
-                    e
+                    e.to_errno()
                 );
                 Some(chunks)
             }
@@ -856,8 +862,14 @@ impl Device {
         let mut memory = self.memory.lock();
         if let Some(chunks) = kept {
             // No chunk was added meanwhile (allocations wait for `releasing`): the chunks go
-            // back as they were, each in its slot.
+            // back as they were, each in its slot. Until an eviction takes them, the module
+            // stays: its exit could only wait for whoever holds the pages.
             memory.chunks = chunks;
+            if memory.pinned.is_none() {
+                memory.pinned = kernel::module::this_module::<crate::Dmirror>().try_pin();
+            }
+        } else {
+            memory.pinned = None;
         }
         memory.releasing -= 1;
         drop(memory);

@@ -1007,8 +1007,9 @@ fn release_with_pages(ctx: &Ctx) -> R {
 
 /// A device page that a pipe holds (`vmsplice()` takes a reference to the page it maps, which
 /// the pipe keeps until it is read) cannot be evicted. RELEASE waits a little for it, then says
-/// `EBUSY`, the memory still registered and the data where it was; the last close the same,
-/// without hanging the closing task. Once the pipe is read, RELEASE evicts everything. A
+/// `EBUSY`, the memory still registered and the data where it was (a signal ends the wait at
+/// once); the last close the same, without hanging the closing task; and the module refuses to
+/// unload rather than wait in its exit. Once the pipe is read, RELEASE evicts everything. A
 /// device-private page is not mapped as such: `vmsplice()` brings it back to system memory
 /// first, so RELEASE does not wait for it.
 fn release_with_spliced_page(ctx: &Ctx) -> R {
@@ -1042,6 +1043,11 @@ fn release_with_spliced_page(ctx: &Ctx) -> R {
         // The last close cannot evict it either, and does not wait for it for ever.
         drop(dev);
         ensure!(stats(ctx.variant())?.get("chunks") > 0, "chunks after the last close");
+        // Nor can unloading: the module keeps itself loaded, and rmmod says so at once.
+        let started = std::time::Instant::now();
+        ensure!(inspect::unload().is_err(), "rmmod with device memory in a pipe succeeded");
+        ensure!(inspect::loaded(), "the module is gone");
+        ensure!(started.elapsed() < Duration::from_secs(5), "rmmod took {:?}", started.elapsed());
     } else {
         r?;
         drop(dev);
@@ -1053,7 +1059,11 @@ fn release_with_spliced_page(ctx: &Ctx) -> R {
     dev.release(map.addr, 1)?;
     let s = settled(ctx.variant(), 0)?;
     ensure_eq!(s.get("chunks"), 0, "chunks after RELEASE");
-    verify(map.bytes(), seed, "pages after RELEASE")
+    verify(map.bytes(), seed, "pages after RELEASE")?;
+    // Evicted: the module may go.
+    drop(dev);
+    inspect::unload()?;
+    inspect::load(&ctx.config.module, &ctx.config.args)
 }
 
 /// RELEASE on another thread, sent a signal (a handler without `SA_RESTART`) 300 ms in: its
