@@ -15,18 +15,9 @@
 //! name a device page by slot, index and generation ([`DevicePage`]), without holding a
 //! reference, and still tell when the page was freed or allocated again.
 //!
-//! # Locking
-//!
-//! `Device::memory` (a mutex) is taken to find or add a chunk and never while a mirror lock is
-//! held. Each backing table is a spinlock that disables interrupts (`folio_free` takes it, and
-//! runs wherever the last reference to a device page drops: in a bio completion or a socket
-//! buffer free, for coherent pages), taken for lookups, updates and copies of a few pages at
-//! most; a page's backing is only dropped under it, so a folio found in the table stays alive
-//! while the lock is held. Eviction (RELEASE, last close, unload) takes the chunks out of the
-//! device under the mutex and evicts and drops them after releasing it, so it never waits under
-//! the mutex for a migration that needs it (chunks whose pages others still hold go back, in
-//! their slots); a migration window waits for an eviction in progress before it allocates,
-//! holding no device page (see [`Device::allocator`]).
+//! `Device::memory` and the backing tables' locks are the first and last of the driver's lock
+//! order, which the crate root states. [`TableLock`] keeps one table's lock across a run of
+//! lookups, for the mirror's walks and for [`to_system`].
 
 use core::{
     fmt,
@@ -66,15 +57,15 @@ pub(crate) const CHUNK_SIZE: usize = 2 * SECTION_SIZE;
 /// goes back to system memory whole takes its backing there, as the destination (see
 /// [`to_system`]).
 #[derive(Clone)]
-pub(crate) struct Backing {
-    pub(crate) folio: OwnedFolio,
-    pub(crate) page: usize,
+struct Backing {
+    folio: OwnedFolio,
+    page: usize,
     /// The generation of the allocation the page belongs to.
     gen: u64,
 }
 
 /// The backing of every allocated device page of a chunk slot, by page index.
-pub(crate) struct Table {
+struct Table {
     pages: KVVec<Option<Backing>>,
     /// The generation of the last allocation recorded.
     gen: u64,
@@ -83,7 +74,7 @@ pub(crate) struct Table {
 impl Table {
     /// Returns the folio holding the data of `page` and the page's byte offset in it, if the
     /// page is still allocated by the allocation that `page` names.
-    pub(crate) fn get(&self, page: &DevicePage) -> Option<(&WritableFolio, usize)> {
+    fn get(&self, page: &DevicePage) -> Option<(&WritableFolio, usize)> {
         self.pages
             .get(page.index)?
             .as_ref()
@@ -102,15 +93,74 @@ impl Table {
 }
 
 /// A chunk slot's backing table.
-pub(crate) type BackingTable = SpinLockIrq<Table>;
+type BackingTable = SpinLockIrq<Table>;
+
+/// The lock of one backing table at a time, held across a run of lookups and copies in that
+/// table: taking another table's releases it first (same lock class). The mirror's walks and
+/// the migrations to system memory go through it.
+pub(crate) struct TableLock<'a> {
+    /// Lookups per hold at most: after that many the lock is released and taken again.
+    run: usize,
+    /// The table locked, its guard, and the lookups made under it.
+    held: Option<(&'a BackingTable, SpinLockIrqGuard<'a, Table>, usize)>,
+}
+
+impl<'a> TableLock<'a> {
+    /// A cursor that holds a table's lock until [`Self::release`] or another table's turn.
+    pub(crate) fn new() -> Self {
+        Self::with_run(usize::MAX)
+    }
+
+    /// A cursor that also releases a table's lock after `run` lookups under it.
+    fn with_run(run: usize) -> Self {
+        Self { run, held: None }
+    }
+
+    /// Returns `table` locked: under the lock held if it is this table's and its run is not
+    /// over, else under a new hold.
+    fn lock(&mut self, table: &'a BackingTable) -> &Table {
+        let held = match self.held.take() {
+            Some((t, guard, n)) if core::ptr::eq(t, table) && n < self.run => (t, guard, n + 1),
+            // Another table's guard goes first: same lock class.
+            other => {
+                drop(other);
+                (table, table.lock(), 1)
+            }
+        };
+        &self.held.insert(held).1
+    }
+
+    /// Returns `table` if its lock is the one held.
+    fn held(&self, table: &BackingTable) -> Option<&Table> {
+        self.held
+            .as_ref()
+            .filter(|(t, ..)| core::ptr::eq(*t, table))
+            .map(|(_, guard, _)| &**guard)
+    }
+
+    /// Releases the lock held, if any.
+    pub(crate) fn release(&mut self) {
+        self.held = None;
+    }
+
+    /// Returns the backing of `device`'s private `page` and the page's byte offset in it, if the
+    /// page is still the allocation named, under its table's lock.
+    pub(crate) fn backing(
+        &mut self,
+        device: &'a Device,
+        page: &DevicePage,
+    ) -> Option<(&WritableFolio, usize)> {
+        self.lock(device.tables.get(page.slot)?).get(page)
+    }
+}
 
 /// A device-private page, named without a reference: the chunk slot of its table, its index
 /// there and the generation of its allocation. Its data is reachable through
-/// [`Device::table`] while that allocation lasts.
+/// [`TableLock::backing`] while that allocation lasts.
 #[derive(Clone, Copy)]
 pub(crate) struct DevicePage {
-    pub(crate) slot: usize,
-    pub(crate) index: usize,
+    slot: usize,
+    index: usize,
     gen: u64,
 }
 
@@ -146,7 +196,7 @@ fn new_table() -> impl PinInit<BackingTable> {
 
 /// Allocates a locked system folio for a migration to system memory, which user space will
 /// map; large ones are opportunistic (callers fall back to pages).
-pub(crate) fn alloc_system(order: u32) -> Result<LockedFolio> {
+fn alloc_system(order: u32) -> Result<LockedFolio> {
     let flags = if order > 0 {
         GFP_HIGHUSER_MOVABLE | __GFP_NOWARN
     } else {
@@ -213,7 +263,7 @@ impl Chunk {
     }
 
     /// Returns the backing of the device page at `index`, if it is allocated.
-    pub(crate) fn backing(&self, index: usize) -> Option<Backing> {
+    fn backing(&self, index: usize) -> Option<Backing> {
         self.backing.lock().pages.get(index).cloned().flatten()
     }
 
@@ -267,36 +317,32 @@ impl Chunk {
             return Self::copy_backing_page(&self.backing.lock(), index, dst);
         }
         // Coherent memory is memory the CPU addresses, so `as_cpu()` does not fail.
-        let copied = src
-            .as_cpu()
-            .map_or(Err(EINVAL), |src| dst.copy_page_from(0, src, page));
-        if copied.is_err() {
-            // `dst` has a page 0, so this cannot fail.
-            let _ = dst.zero_page(0);
+        match src.as_cpu() {
+            Some(src) if dst.copy_page_from(0, src, page).is_ok() => {}
+            _ => dst.zero(),
         }
     }
 
     /// Copies the backing of the device-private page at `index` into the one-page folio
     /// `dst`, under its table's lock (`table`); a page without backing reads as zeroes.
     fn copy_backing_page(table: &Table, index: usize, dst: &mut LockedFolio) {
-        let copied = table
-            .pages
-            .get(index)
-            .and_then(Option::as_ref)
-            .map_or(Err(ENOENT), |b| dst.copy_page_from(0, &b.folio, b.page));
-        if copied.is_err() {
-            // `dst` has a page 0, so this cannot fail.
-            let _ = dst.zero_page(0);
+        match table.pages.get(index).and_then(Option::as_ref) {
+            Some(b) if dst.copy_page_from(0, &b.folio, b.page).is_ok() => {}
+            _ => dst.zero(),
         }
     }
 
     /// Copies the data of the device pages from `index` on into `dst`, one page of `dst` each;
     /// a page without backing reads as zeroes. `src` is the device folio holding page `index`
     /// as its page `first`: coherent memory is read there.
-    pub(crate) fn copy_to(&self, index: usize, src: &Folio, first: usize, dst: &mut LockedFolio) {
+    ///
+    /// Fails with the error of [`LockedFolio::zero_page`]: `EINVAL` for a page out of `dst`'s
+    /// range, which the pages it counts in `dst` are not.
+    fn copy_to(&self, index: usize, src: &Folio, first: usize, dst: &mut LockedFolio) -> Result {
         let nr = dst.folio().nr_pages();
         if nr == 1 {
-            return self.copy_page_to(index, src, first, dst);
+            self.copy_page_to(index, src, first, dst);
+            return Ok(());
         }
         if self.coherent {
             // Coherent memory is memory the CPU addresses, so `as_cpu()` does not fail.
@@ -304,33 +350,29 @@ impl Chunk {
             if first == 0
                 && src.is_some_and(|src| src.nr_pages() == nr && dst.copy_from(src).is_ok())
             {
-                return;
+                return Ok(());
             }
             for k in 0..nr {
-                let copied = src.map_or(Err(EINVAL), |src| dst.copy_page_from(k, src, first + k));
-                if copied.is_err() {
-                    // `k` is within `dst`, so this cannot fail.
-                    let _ = dst.zero_page(k);
+                match src {
+                    Some(src) if dst.copy_page_from(k, src, first + k).is_ok() => {}
+                    _ => dst.zero_page(k)?,
                 }
             }
-            return;
+            return Ok(());
         }
         // The common case: a device folio copied whole into a folio of its order.
         if let Some(b) = self.backing(index) {
             if b.page == 0 && b.folio.nr_pages() == nr && dst.copy_from(&b.folio).is_ok() {
-                return;
+                return Ok(());
             }
         }
         for k in 0..nr {
-            let copied = match self.backing(index + k) {
-                Some(b) => dst.copy_page_from(k, &b.folio, b.page),
-                None => Err(ENOENT),
-            };
-            if copied.is_err() {
-                // `k` is within `dst`, so this cannot fail.
-                let _ = dst.zero_page(k);
+            match self.backing(index + k) {
+                Some(b) if dst.copy_page_from(k, &b.folio, b.page).is_ok() => {}
+                _ => dst.zero_page(k)?,
             }
         }
+        Ok(())
     }
 }
 
@@ -363,7 +405,7 @@ pub(crate) fn to_system(
     let mut pool: Option<KVec<LockedFolio>> = None;
     // Single pages of device-private memory are handed over or copied under their table's
     // lock, held for a run of pages of one chunk (at most `COPY_RUN` of them).
-    let mut held: Option<(&Chunk, SpinLockIrqGuard<'_, Table>, usize)> = None;
+    let mut tables = TableLock::with_run(COPY_RUN);
     let mut i = 0;
     while i < mig.npages() {
         let span = mig.span(i);
@@ -381,17 +423,15 @@ pub(crate) fn to_system(
             if fail_next() {
                 return Err(ENOMEM);
             }
-            let run = (!chunk.coherent).then(|| match held.take() {
-                Some((c, guard, n)) if core::ptr::eq(c, chunk) && n < COPY_RUN => (c, guard, n + 1),
-                // Another chunk's guard goes first: same lock class.
-                other => {
-                    drop(other);
-                    (chunk, chunk.backing.lock(), 1)
-                }
-            });
-            // A backing page of its own becomes the destination: no copy.
-            if let Some(dst) = run.as_ref().and_then(|r| r.1.hand_over(index, 1)) {
-                held = run;
+            // A backing page of its own becomes the destination: no copy. (Coherent memory
+            // has no backing: no table lock.)
+            let own = if chunk.coherent {
+                tables.release();
+                None
+            } else {
+                tables.lock(&chunk.backing).hand_over(index, 1)
+            };
+            if let Some(dst) = own {
                 push(&mut dsts, i, dst)?;
                 given += 1;
                 i += 1;
@@ -400,21 +440,16 @@ pub(crate) fn to_system(
             if pool.is_none() {
                 // The allocation may sleep: no table lock is held over it (`copy_page_to`
                 // below takes this page's).
-                drop(run);
-                held = None;
+                tables.release();
                 let mut new = KVec::new();
                 LockedFolio::alloc_bulk(GFP_HIGHUSER_MOVABLE, small(i), &mut new)?;
                 pool = Some(new);
-            } else {
-                held = run;
             }
             // Once the pool runs out (memory is short), one page at a time below.
             if let Some(mut dst) = pool.as_mut().and_then(KVec::pop) {
-                match &held {
-                    Some(run) if core::ptr::eq(run.0, chunk) => {
-                        Chunk::copy_backing_page(&run.1, index, &mut dst)
-                    }
-                    _ => chunk.copy_page_to(index, folio, page, &mut dst),
+                match tables.held(&chunk.backing) {
+                    Some(table) => Chunk::copy_backing_page(table, index, &mut dst),
+                    None => chunk.copy_page_to(index, folio, page, &mut dst),
                 }
                 push(&mut dsts, i, dst)?;
                 given += 1;
@@ -423,16 +458,17 @@ pub(crate) fn to_system(
             }
         }
         // The paths below lock the table themselves.
-        held = None;
+        tables.release();
         let large = if span == 1 || fail_next() {
             None
-        } else {
+        } else if let Some(dst) = chunk.hand_over(index, span) {
             // A backing that holds the whole folio's data becomes the destination: no copy.
-            chunk.hand_over(index, span).or_else(|| {
-                let mut dst = alloc_system(PMD_ORDER).ok()?;
-                chunk.copy_to(index, folio, page, &mut dst);
-                Some(dst)
-            })
+            Some(dst)
+        } else if let Ok(mut dst) = alloc_system(PMD_ORDER) {
+            chunk.copy_to(index, folio, page, &mut dst)?;
+            Some(dst)
+        } else {
+            None
         };
         if let Some(dst) = large {
             push(&mut dsts, i, dst)?;
@@ -440,14 +476,14 @@ pub(crate) fn to_system(
         } else {
             for k in 0..span {
                 let mut dst = alloc_system(0)?;
-                chunk.copy_to(index + k, folio, page + k, &mut dst);
+                chunk.copy_to(index + k, folio, page + k, &mut dst)?;
                 push(&mut dsts, i + k, dst)?;
             }
             given += span;
         }
         i += span;
     }
-    drop(held);
+    drop(tables);
     for (j, dst) in dsts.drain_all() {
         mig.set_dst(j, dst)?;
     }
@@ -519,7 +555,11 @@ impl DevicePagemapOps for Chunk {
     }
 
     fn evict_copy(&self, index: usize, src: &Folio, dst: &mut LockedFolio) {
-        self.copy_to(index, src, 0, dst);
+        // `dst` has the order of `src`, so every page of it is filled; an error here would be
+        // a bug, and the eviction cannot fail: it is logged.
+        if let Err(e) = self.copy_to(index, src, 0, dst) {
+            pr_warn!("eviction copy, chunk slot {}: {:?}\n", self.slot, e);
+        }
     }
 }
 
@@ -680,11 +720,6 @@ impl Device {
             }),
             GFP_KERNEL,
         )
-    }
-
-    /// Returns the backing table of chunk slot `slot` (device-private memory).
-    pub(crate) fn table(&self, slot: usize) -> Option<&BackingTable> {
-        self.tables.get(slot).map(|t| &**t)
     }
 
     /// Returns whether the device's memory is device-coherent.

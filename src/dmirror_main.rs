@@ -6,10 +6,38 @@
 //! `/dev/hmm_dmirror0` and `/dev/hmm_dmirror1` (device-private memory) and, given reserved
 //! ranges of real memory (`memmap=SIZE$START`), on `/dev/hmm_dmirror2` and `/dev/hmm_dmirror3`
 //! (device-coherent memory), so the upstream `hmm-tests` selftest runs against it unchanged.
+//!
+//! # Lock order
+//!
+//! The driver's locks, outermost first (`docs/driver.md` states the same order; change both
+//! together):
+//!
+//! 1. `Device::memory` (a mutex): taken to find or add a chunk, and by eviction (RELEASE, the
+//!    last close, unload) to take the chunks out. Never taken while a mirror lock is held.
+//!    Eviction evicts and drops the chunks after releasing it, so it never waits under it for
+//!    a migration that needs it (chunks whose pages others still hold go back, in their
+//!    slots); `Device::allocator()` waits there for an eviction in progress, holding no device
+//!    page.
+//! 2. The mirror's mutex (inside the MMU interval notifier of an open file): taken last among
+//!    the sleeping locks. Nothing that may sleep on memory reclaim or on a page lock runs under
+//!    it, since reclaim and migrations invalidate and invalidation takes it: mirror leaves are
+//!    allocated before it is taken, folio locks are only tried.
+//! 3. A backing table's lock (a spinlock that disables interrupts, because `folio_free` takes
+//!    it wherever the last reference to a device page drops: in a bio completion or a socket
+//!    buffer free, for coherent pages): innermost, held for lookups, updates and copies of a
+//!    few pages (up to 64 pages per hold for single-page copies). One table lock at a time
+//!    (same lock class; `device::TableLock` keeps one across a run of lookups). A page's
+//!    backing is only dropped under it, so a folio found in the table stays alive while it is
+//!    held.
 
+mod copy;
 mod debugfs;
 mod device;
+mod exclusive;
 mod file;
+mod migrate;
+mod mirror;
+mod snapshot;
 mod uapi;
 
 use kernel::{

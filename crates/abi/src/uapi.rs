@@ -1,7 +1,8 @@
 //! The ioctl ABI of `lib/test_hmm_uapi.h`, and the errno contract of each command.
 //!
-//! `dmirror.ko` serves this ABI (its side is `src/uapi.rs`, its handlers `src/file.rs`), as
-//! does the C `test_hmm.ko`; the upstream `hmm-tests` selftest speaks it. Every command takes
+//! `dmirror.ko` serves this ABI (its side is `src/uapi.rs`, its dispatch `src/file.rs`, its
+//! handlers `src/copy.rs`, `migrate.rs`, `snapshot.rs` and `exclusive.rs`), as does the C
+//! `test_hmm.ko`; the upstream `hmm-tests` selftest speaks it. Every command takes
 //! a [`Cmd`] at the ioctl's argument and works on the range of `npages` pages of 4096 bytes
 //! ([`PAGE`]) from `addr` in the address space of the process that opened the device node.
 //!

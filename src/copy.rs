@@ -1,0 +1,308 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! READ, WRITE and READ_UNLOCKED: copies between mirrored pages and user memory.
+//!
+//! Each page is copied once, straight between the mirrored folio and user memory, under the
+//! mirror lock with page faults disabled. A user page that is not present sends that window
+//! through a bounce buffer outside the lock, which faults it in. Writes go straight only from a
+//! page-aligned buffer, so a failed copy never leaves part of a page written. Pages that are not
+//! mirrored are faulted into the mirror and the copy goes on.
+
+use crate::{
+    device::TableLock,
+    file::DmirrorFile,
+    mirror::{Entry, FAULT_TIMEOUT_MS, LEAF_PAGES},
+    uapi::Cmd,
+};
+use kernel::{
+    alloc::flags::GFP_KERNEL,
+    mm::folio::{CpuFolio, FolioGuard, WritableFolio},
+    page::PAGE_SIZE,
+    prelude::*,
+    time::{Delta, Instant, Monotonic},
+    uaccess::{UserPtr, UserSlice},
+};
+
+/// Pages per bounce buffer between the mirror and user memory (512 KiB).
+const BOUNCE_PAGES: usize = 128;
+
+/// Checks that the user memory at `cmd.ptr` for the command's range does not wrap around the
+/// address space (`EFAULT`, as `copy_to_user()` would fail it), so that page addresses in it
+/// can be computed.
+fn check_user_range(cmd: &Cmd) -> Result {
+    usize::try_from(cmd.npages)
+        .ok()
+        .and_then(|n| n.checked_mul(PAGE_SIZE))
+        .and_then(|len| (cmd.ptr as usize).checked_add(len))
+        .map(|_| ())
+        .ok_or(EFAULT)
+}
+
+/// The user memory for pages `[first, end)` of a command's buffer at `ptr` (checked by
+/// [`check_user_range`]).
+fn user_pages(ptr: usize, first: usize, end: usize) -> UserSlice {
+    UserSlice::new(
+        UserPtr::from_addr(ptr + first * PAGE_SIZE),
+        (end - first) * PAGE_SIZE,
+    )
+}
+
+/// A bounce buffer between the mirror and user memory, for user pages that are not present:
+/// allocated on first use, zeroed, room for [`BOUNCE_PAGES`] pages.
+struct Bounce(Option<KVVec<u8>>);
+
+impl Bounce {
+    fn new() -> Self {
+        Self(None)
+    }
+
+    /// Returns the first `npages` pages of the buffer (at most [`BOUNCE_PAGES`]).
+    fn get(&mut self, npages: usize) -> Result<&mut [u8]> {
+        let len = npages.min(BOUNCE_PAGES) * PAGE_SIZE;
+        let buf = match &mut self.0 {
+            Some(buf) => buf,
+            none => {
+                let mut v = KVVec::with_capacity(BOUNCE_PAGES * PAGE_SIZE, GFP_KERNEL)?;
+                v.resize(BOUNCE_PAGES * PAGE_SIZE, 0, GFP_KERNEL)?;
+                none.insert(v)
+            }
+        };
+        Ok(&mut buf[..len])
+    }
+}
+
+impl DmirrorFile {
+    /// Copies mirrored pages `[first, end)` of the range at `addr` into `buf`, which holds
+    /// `end - first` pages, stopping at the first page that is not mirrored. Returns the index
+    /// of the page it stopped at (`end` when all were copied).
+    fn copy_out(&self, addr: usize, first: usize, end: usize, buf: &mut [u8]) -> Result<usize> {
+        self.walk_out(addr, first, end, |i, folio, offset| {
+            let at = (i - first) * PAGE_SIZE;
+            folio.read(offset, &mut buf[at..at + PAGE_SIZE])?;
+            Ok(true)
+        })
+    }
+
+    /// Calls `f(i, folio, offset)` under the mirror lock for each live mirrored page `i` of
+    /// `[first, end)` of the range at `addr`, in order, with the folio holding its data and its
+    /// byte offset there, until a page is not mirrored or `f` returns false. Returns the index
+    /// of the page it stopped at (`end` when it did not). `f` may run under a backing table's
+    /// spinlock: it must not sleep.
+    fn walk_out(
+        &self,
+        addr: usize,
+        first: usize,
+        end: usize,
+        mut f: impl FnMut(usize, &CpuFolio, usize) -> Result<bool>,
+    ) -> Result<usize> {
+        let mirror = self.mirror.lock();
+        let mut tables = TableLock::new();
+        let base = addr / PAGE_SIZE;
+        // The current leaf, looked up once.
+        let mut leaf: Option<(usize, &[Option<Entry>; LEAF_PAGES])> = None;
+        for i in first..end {
+            let page = base + i;
+            let key = page / LEAF_PAGES;
+            if leaf.is_none_or(|(k, _)| k != key) {
+                // A table's lock is held for one leaf's pages at most.
+                tables.release();
+                leaf = mirror.leaf(key).map(|l| (key, l));
+            }
+            let Some((folio, offset)) = leaf
+                .and_then(|(_, l)| l[page % LEAF_PAGES].as_ref())
+                .and_then(|entry| entry.find(&self.device, &mut tables))
+            else {
+                return Ok(i);
+            };
+            if !f(i, folio, offset)? {
+                return Ok(i);
+            }
+        }
+        Ok(end)
+    }
+
+    /// Copies mirrored pages `[first, npages)` of the range at `addr` to the user memory at
+    /// `ptr` (page `i` to `ptr + i * PAGE_SIZE`), stopping at the first page that is not
+    /// mirrored; returns the index of that page (`npages` when all were copied).
+    ///
+    /// Pages are copied straight from the mirrored folio under the mirror lock, with page
+    /// faults disabled (a fault would invalidate, which takes the lock). From a user page that
+    /// is not present on, a window goes through `bounce` instead, copied out under the lock and
+    /// to user memory after it, faulting as needed.
+    fn copy_to_user(
+        &self,
+        addr: usize,
+        ptr: usize,
+        first: usize,
+        npages: usize,
+        bounce: &mut Bounce,
+    ) -> Result<usize> {
+        let mut done = first;
+        while done < npages {
+            let mut out = user_pages(ptr, done, npages).writer();
+            let mut not_present = false;
+            done = self.walk_out(addr, done, npages, |_, folio, offset| {
+                not_present = folio
+                    .copy_to_user_nofault(offset, PAGE_SIZE, &mut out)
+                    .is_err();
+                Ok(!not_present)
+            })?;
+            if !not_present {
+                return Ok(done);
+            }
+            let end = (done + BOUNCE_PAGES).min(npages);
+            let buf = bounce.get(end - done)?;
+            let copied = self.copy_out(addr, done, end, buf)?;
+            user_pages(ptr, done, copied)
+                .writer()
+                .write_slice(&buf[..(copied - done) * PAGE_SIZE])?;
+            if copied < end {
+                return Ok(copied);
+            }
+            done = end;
+        }
+        Ok(done)
+    }
+
+    /// Copies the user memory at `ptr` into mirrored, writable pages `[first, npages)` of the
+    /// range at `addr`, as [`Self::copy_to_user`] does the other way (straight only from a
+    /// page-aligned buffer); a page whose lock is held elsewhere counts as not mirrored (it is
+    /// faulted and retried).
+    fn copy_from_user(
+        &self,
+        addr: usize,
+        ptr: usize,
+        first: usize,
+        npages: usize,
+        bounce: &mut Bounce,
+    ) -> Result<usize> {
+        // Straight from a page-aligned user buffer only: a user page that is not present then
+        // fails the copy of a mirrored page before any of it is written.
+        let direct = ptr % PAGE_SIZE == 0;
+        let mut done = first;
+        while done < npages {
+            let mut input = user_pages(ptr, done, npages).reader();
+            let mut not_present = false;
+            if direct {
+                done = self.walk_in(addr, done, npages, |_, guard, offset| {
+                    not_present = guard
+                        .copy_from_user_nofault(offset, PAGE_SIZE, &mut input)
+                        .is_err();
+                    !not_present
+                });
+            }
+            if direct && !not_present {
+                return Ok(done);
+            }
+            let end = (done + BOUNCE_PAGES).min(npages);
+            let buf = bounce.get(end - done)?;
+            user_pages(ptr, done, end).reader().read_slice(buf)?;
+            let first = done;
+            done = self.walk_in(addr, done, end, |i, guard, offset| {
+                let at = (i - first) * PAGE_SIZE;
+                guard.write(offset, &buf[at..at + PAGE_SIZE]).is_ok()
+            });
+            if done < end {
+                return Ok(done);
+            }
+        }
+        Ok(done)
+    }
+
+    /// Calls `f(i, guard, offset)` under the mirror lock for each live, writable mirrored page
+    /// `i` of `[first, end)` of the range at `addr`, in order, with its folio locked and the
+    /// page's offset in it, until a page is not mirrored (or its folio is locked elsewhere) or
+    /// `f` returns false. Returns the index of the page it stopped at (`end` when it did not).
+    /// `f` may run under a backing table's spinlock: it must not sleep.
+    fn walk_in(
+        &self,
+        addr: usize,
+        first: usize,
+        end: usize,
+        mut f: impl FnMut(usize, &mut FolioGuard<'_, WritableFolio>, usize) -> bool,
+    ) -> usize {
+        let mirror = self.mirror.lock();
+        let mut tables = TableLock::new();
+        let base = addr / PAGE_SIZE;
+        for i in first..end {
+            if (base + i) % LEAF_PAGES == 0 {
+                // A table's lock is held for one leaf's pages at most.
+                tables.release();
+            }
+            let Some((folio, offset)) = mirror
+                .get(base + i)
+                .filter(|e| e.write && !e.atomic)
+                .and_then(|entry| entry.find_writable(&self.device, &mut tables))
+            else {
+                return i;
+            };
+            let Some(mut guard) = folio.try_lock() else {
+                return i;
+            };
+            if !f(i, &mut guard, offset) {
+                return i;
+            }
+        }
+        end
+    }
+
+    /// Copies the mirror of the whole range to `cmd.ptr` without faulting: `ENOENT` if a page
+    /// is not mirrored (it did not reach the device).
+    pub(crate) fn read_back(&self, cmd: &mut Cmd) -> Result {
+        let (addr, ptr, npages) = (cmd.addr as usize, cmd.ptr as usize, cmd.npages as usize);
+        check_user_range(cmd)?;
+        if self.copy_to_user(addr, ptr, 0, npages, &mut Bounce::new())? != npages {
+            return Err(ENOENT);
+        }
+        cmd.cpages = cmd.npages;
+        Ok(())
+    }
+
+    /// READ, and READ_UNLOCKED with `unlocked`: copies the mirror of the range to `cmd.ptr`,
+    /// faulting in what is not mirrored; `cmd.faults` counts the fault rounds.
+    pub(crate) fn read(&self, cmd: &mut Cmd, unlocked: bool) -> Result {
+        let (addr, ptr, npages) = (cmd.addr as usize, cmd.ptr as usize, cmd.npages as usize);
+        let end = addr + npages * PAGE_SIZE;
+        let mm = self.mm_user(EFAULT)?;
+        check_user_range(cmd)?;
+        let mut bounce = Bounce::new();
+        let mut done = 0;
+        loop {
+            done = self.copy_to_user(addr, ptr, done, npages, &mut bounce)?;
+            if done == npages {
+                break;
+            }
+            // The rest of the range in one go, as the ABI counts faults.
+            self.fault(&mm, addr + done * PAGE_SIZE, end, false, unlocked)?;
+            cmd.faults += 1;
+        }
+        cmd.cpages = npages as u64;
+        Ok(())
+    }
+
+    /// WRITE: copies `cmd.ptr` into the mirror of the range, faulting it in writable as needed;
+    /// `cmd.faults` counts the fault rounds.
+    pub(crate) fn write(&self, cmd: &mut Cmd) -> Result {
+        let (addr, ptr, npages) = (cmd.addr as usize, cmd.ptr as usize, cmd.npages as usize);
+        let end = addr + npages * PAGE_SIZE;
+        let mm = self.mm_user(EFAULT)?;
+        check_user_range(cmd)?;
+        let mut bounce = Bounce::new();
+        let started = Instant::<Monotonic>::now();
+        let mut done = 0;
+        loop {
+            let before = done;
+            done = self.copy_from_user(addr, ptr, done, npages, &mut bounce)?;
+            if done == npages {
+                break;
+            }
+            if done == before && started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
+                return Err(EBUSY);
+            }
+            self.fault(&mm, addr + done * PAGE_SIZE, end, true, false)?;
+            cmd.faults += 1;
+        }
+        cmd.cpages = npages as u64;
+        Ok(())
+    }
+}
