@@ -47,7 +47,8 @@ STOCK_BUILD := $(ROOT)/build/stock
 STOCK_KDIR = $(shell KERNEL_FLAVOUR=stock $(ROOT)/scripts/kernel path)
 
 .PHONY: all module clippy rust-analyzer kernel setup canary selftest tools suite perf fuzz bench \
-	initramfs demo test stock stock-initramfs check-dmirror check-suite check-fuzz soak host-test \
+	initramfs demo test stock stock-initramfs check-dmirror check-suite check-fuzz soak reference \
+	host-test \
 	checkpatch compile-fail clean
 
 all: module
@@ -195,6 +196,13 @@ check-fuzz: initramfs tools
 	$(BENCH) run --plan fuzz --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS) $(if $(FUZZ_ARGS),--append dmirror.fuzz=$(subst $(space),$(comma),$(strip $(FUZZ_ARGS))))
+
+# Upstream hmm-tests against the C test_hmm.ko, not gated: the reference's figures
+# (docs/testing.md, "The C reference"). Not part of `make test`.
+reference: initramfs tools
+	$(BENCH) run --plan reference --kernel $(KDIR)/arch/x86/boot/bzImage \
+		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
+		$(BENCH_ARGS)
 
 # Load, use, unload cycles (CYCLES, default 200), then the kmemleak scan; meant for
 # KERNEL_FLAVOUR=debug, whose `make test` runs it too.

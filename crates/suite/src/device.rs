@@ -569,7 +569,7 @@ fn to_dev_races_dontneed(ctx: &Ctx) -> R {
     let mut rng = Rng::new(seed(ctx, "races-dontneed"));
     let started = std::time::Instant::now();
     let mut rounds = 0u32;
-    while rounds < 1000 && started.elapsed() < Duration::from_secs(40) {
+    while rounds < 400 && started.elapsed() < Duration::from_secs(40) {
         rounds += 1;
         // Every page back in system memory, so that the migration has all of them to move.
         madvise(&map, libc::MADV_DONTNEED)?;
