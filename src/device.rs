@@ -38,7 +38,7 @@ use kernel::{
     page::PAGE_SIZE,
     prelude::*,
     sync::{Arc, CondVar, Mutex, MutexGuard, SpinLockIrq, SpinLockIrqGuard},
-    time::Delta,
+    time::{Delta, Instant, Monotonic},
 };
 
 /// Pages a CPU fault on a page table entry migrates back at most: the naturally aligned
@@ -852,22 +852,30 @@ impl Device {
     pub(crate) fn close(&self) {
         if self.opens.fetch_sub(1, Ordering::AcqRel) == 1 {
             // Memory that cannot be evicted now stays, and goes with the next eviction.
-            let _ = self.release();
+            let _ = self.release(false);
         }
     }
 
     /// Evicts every page of device memory back to system memory and unregisters it.
     ///
     /// A page that someone else holds (a pin, a pipe buffer) is waited for at most
-    /// [`EVICT_TIMEOUT`]: then the memory stays registered and in use, nothing that could not
-    /// move is lost, and the error (`EBUSY`, or `ERESTARTSYS` for a signal) says so. Until an
-    /// eviction succeeds, the module cannot be unloaded (`EBUSY`).
-    pub(crate) fn release(&self) -> Result {
+    /// [`EVICT_TIMEOUT`] in all: then the memory stays registered and in use, nothing that could
+    /// not move is lost, and the error says so (`EBUSY`; `ERESTARTSYS` for a signal if
+    /// `interruptible`, for the RELEASE ioctl). Until an eviction succeeds, the module cannot be
+    /// unloaded (`EBUSY`): only a later RELEASE or last close lets it go.
+    pub(crate) fn release(&self, interruptible: bool) -> Result {
         let chunks = {
             let mut memory = self.memory.lock();
-            // Another eviction may fail and put its chunks back: wait for its outcome.
+            // Another eviction may fail and put its chunks back: wait for its outcome (at most
+            // its own timeout).
             while memory.releasing > 0 {
-                self.released.wait(&mut memory);
+                if interruptible {
+                    if self.released.wait_interruptible(&mut memory) {
+                        return Err(ERESTARTSYS);
+                    }
+                } else {
+                    self.released.wait(&mut memory);
+                }
             }
             let chunks = core::mem::take(&mut memory.chunks);
             if chunks.is_empty() {
@@ -877,8 +885,17 @@ impl Device {
             chunks
         };
         self.evictions.fetch_add(1, Ordering::Relaxed);
-        // Outside the lock: eviction may wait for migrations that need it.
-        let res = chunks.iter().try_for_each(|c| c.evict(EVICT_TIMEOUT));
+        // Outside the lock: eviction may wait for migrations that need it. One timeout for
+        // all the chunks.
+        let started = Instant::<Monotonic>::now();
+        let res = chunks.iter().try_for_each(|c| {
+            let left = EVICT_TIMEOUT - started.elapsed();
+            if interruptible {
+                c.evict_interruptible(left)
+            } else {
+                c.evict(left)
+            }
+        });
         let kept = match res {
             Ok(()) => {
                 // Every page is free: unregistering does not wait.
@@ -901,7 +918,7 @@ impl Device {
             // stays: its exit could only wait for whoever holds the pages.
             memory.chunks = chunks;
             if memory.pinned.is_none() {
-                memory.pinned = kernel::module::this_module::<crate::Dmirror>().try_pin();
+                memory.pinned = kernel::module::this_module::<crate::Dmirror>().try_get();
             }
         } else {
             memory.pinned = None;

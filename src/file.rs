@@ -138,7 +138,7 @@ impl MiscDevice for DmirrorFile {
             uapi::SNAPSHOT => command(arg, |c| this.snapshot(c)),
             uapi::EXCLUSIVE => command(arg, |c| this.exclusive(c)),
             uapi::CHECK_EXCLUSIVE => command(arg, |c| this.check_exclusive(c)),
-            uapi::RELEASE => command(arg, |_| this.device.release()),
+            uapi::RELEASE => command(arg, |_| this.device.release(true)),
             uapi::FLAGS => command(arg, |c| this.set_flags(c)),
             _ => Err(ENOTTY),
         }
