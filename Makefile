@@ -47,7 +47,7 @@ STOCK_BUILD := $(ROOT)/build/stock
 STOCK_KDIR = $(shell KERNEL_FLAVOUR=stock $(ROOT)/scripts/kernel path)
 
 .PHONY: all module clippy rust-analyzer kernel setup canary selftest tools suite perf fuzz bench \
-	initramfs demo test stock stock-initramfs check-dmirror check-suite check-fuzz soak reference \
+	initramfs demo test stock stock-initramfs check-dmirror check-suite check-fuzz soak soak-test reference \
 	host-test \
 	checkpatch compile-fail clean
 
@@ -196,6 +196,25 @@ check-fuzz: initramfs tools
 	$(BENCH) run --plan fuzz --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS) $(if $(FUZZ_ARGS),--append dmirror.fuzz=$(subst $(space),$(comma),$(strip $(FUZZ_ARGS))))
+
+# The patched kernel's gated plan RUNS times in a row (default 10), one boot each: each run's
+# verdict, then the count; fails if any run failed. Each run's output goes to
+# $(BUILD)/soak-test-N.log, its results to results/ as usual.
+RUNS ?= 10
+soak-test: initramfs tools
+	@fail=0; for i in $$(seq 1 $(RUNS)); do \
+		log=$(BUILD)/soak-test-$$i.log; \
+		if $(BENCH) run --plan test --kernel $(KDIR)/arch/x86/boot/bzImage \
+			--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) \
+			--results $(ROOT)/results $(BENCH_ARGS) >$$log 2>&1; then \
+			echo "soak-test: run $$i of $(RUNS): PASS, $$(tail -n 1 $$log)"; \
+		else \
+			fail=$$((fail + 1)); \
+			echo "soak-test: run $$i of $(RUNS): FAIL, $$(tail -n 1 $$log) (see $$log)"; \
+		fi; \
+	done; \
+	echo "soak-test: $$(($(RUNS) - fail)) of $(RUNS) runs green"; \
+	[ $$fail -eq 0 ]
 
 # Upstream hmm-tests against the C test_hmm.ko, not gated: the reference's figures
 # (docs/testing.md, "The C reference"). Not part of `make test`.
