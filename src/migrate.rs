@@ -157,21 +157,23 @@ impl DmirrorFile {
                 return Ok(());
             }
             let mut room = Room::new(start / PAGE_SIZE, next / PAGE_SIZE)?;
-            let mut mapped = KVec::with_capacity(npages_wanted, GFP_KERNEL)?;
+            // Device-private destinations only: coherent ones are mirrored from the page tables.
+            let coherent = self.device.is_coherent();
+            let wanted_entries = if coherent { 0 } else { npages_wanted };
+            let mut mapped = KVec::with_capacity(wanted_entries, GFP_KERNEL)?;
             // Out of device memory: migrate what was allocated, then report it.
             let res = self.to_device(&mut mig, &mut mapped);
             if res.is_err_and(|e| e != ENOMEM) {
                 return res;
             }
             let mig = mig.pages();
-            if self.device.is_coherent() {
+            if coherent {
                 // A coherent page's entry holds a reference. A page unmapped between the
                 // migration and here (`MADV_DONTNEED` on another thread; its invalidation found
                 // no entry to drop) must not be mirrored, or the mirror would keep it in use,
                 // unmapped, where no eviction can move it. So the entries come from the page
                 // tables, under the notifier's sequence, as a fault's do, once the migration
                 // is finalised (until then its pages are migration entries, not mapped).
-                drop(mapped);
                 drop(mig);
                 self.mirror_device_pages(mmap, start, next, room)?;
                 return res;
@@ -277,7 +279,9 @@ impl DmirrorFile {
     }
 
     /// Fills the storage of `folio`, a new device folio of `n` pages, with the source data of
-    /// entries `[i, i + n)`, records their mirror entries and gives it to entry `i`.
+    /// entries `[i, i + n)`, records their mirror entries (device-private memory; coherent
+    /// pages are mirrored from the page tables once the migration is done, see
+    /// [`Self::migrate_to_dev`]) and gives it to entry `i`.
     fn fill(
         mig: &mut MigrateVma<'_>,
         i: usize,
@@ -299,17 +303,7 @@ impl DmirrorFile {
                     mapped.push((i + k, entry), GFP_KERNEL)?;
                 }
             }
-            Storage::Direct => {
-                copy_source(mig, i, n, &mut folio)?;
-                for k in 0..n {
-                    let entry = Entry {
-                        data: Data::Writable(folio.cpu_ref().ok_or(EINVAL)?, k * PAGE_SIZE),
-                        write,
-                        atomic: false,
-                    };
-                    mapped.push((i + k, entry), GFP_KERNEL)?;
-                }
-            }
+            Storage::Direct => copy_source(mig, i, n, &mut folio)?,
         }
         mig.set_dst(i, folio)
     }
