@@ -11,12 +11,15 @@
 use crate::{
     device::TableLock,
     file::DmirrorFile,
-    mirror::{Entry, FAULT_TIMEOUT_MS, LEAF_PAGES},
+    mirror::{Entry, FAULT_TIMEOUT_MS, FAULT_WINDOW, LEAF_PAGES},
     uapi::Cmd,
 };
 use kernel::{
     alloc::flags::GFP_KERNEL,
-    mm::folio::{CpuFolio, FolioGuard, WritableFolio},
+    mm::{
+        folio::{CpuFolio, FolioGuard, WritableFolio},
+        hmm::ValidGuard,
+    },
     page::PAGE_SIZE,
     prelude::*,
     time::{Delta, Instant, Monotonic},
@@ -211,9 +214,10 @@ impl DmirrorFile {
 
     /// Calls `f(i, guard, offset)` under the mirror lock for each live, writable mirrored page
     /// `i` of `[first, end)` of the range at `addr`, in order, with its folio locked and the
-    /// page's offset in it, until a page is not mirrored (or its folio is locked elsewhere) or
-    /// `f` returns false. Returns the index of the page it stopped at (`end` when it did not).
-    /// `f` may run under a backing table's spinlock: it must not sleep.
+    /// page's offset in it, until a page is not mirrored (or its folio is locked elsewhere, or
+    /// its write grant is older than the last invalidation) or `f` returns false. Returns the
+    /// index of the page it stopped at (`end` when it did not). `f` may run under a backing
+    /// table's spinlock: it must not sleep.
     fn walk_in(
         &self,
         addr: usize,
@@ -221,7 +225,13 @@ impl DmirrorFile {
         end: usize,
         mut f: impl FnMut(usize, &mut FolioGuard<'_, WritableFolio>, usize) -> bool,
     ) -> usize {
-        let mirror = self.mirror.lock();
+        // The mirror's lock, checked for the current sequence number: the grants found under it
+        // write (`read_begin()` waits for an invalidation in progress).
+        let mirror = loop {
+            if let Some(valid) = ValidGuard::new(&self.mirror, self.mirror.read_begin()) {
+                break valid;
+            }
+        };
         let mut tables = TableLock::new();
         let base = addr / PAGE_SIZE;
         for i in first..end {
@@ -229,14 +239,11 @@ impl DmirrorFile {
                 // A table's lock is held for one leaf's pages at most.
                 tables.release();
             }
-            let Some((folio, offset)) = mirror
+            let Some((mut guard, offset)) = mirror
                 .get(base + i)
                 .filter(|e| e.write && !e.atomic)
-                .and_then(|entry| entry.find_writable(&self.device, &mut tables))
+                .and_then(|entry| entry.find_writable(&self.device, &mut tables, &mirror))
             else {
-                return i;
-            };
-            let Some(mut guard) = folio.try_lock() else {
                 return i;
             };
             if !f(i, &mut guard, offset) {
@@ -282,14 +289,20 @@ impl DmirrorFile {
 
     /// WRITE: copies `cmd.ptr` into the mirror of the range, faulting it in writable as needed;
     /// `cmd.faults` counts the fault rounds.
+    ///
+    /// A write grant lasts until the next invalidation anywhere in the mirror, and faulting a
+    /// window in can invalidate (breaking copy-on-write does): so the range is faulted a window
+    /// at a time and each window copied before the next is faulted. A round is one pass over
+    /// the range; the next starts when the copy stops at a page this call faulted already.
     pub(crate) fn write(&self, cmd: &mut Cmd) -> Result {
         let (addr, ptr, npages) = (cmd.addr as usize, cmd.ptr as usize, cmd.npages as usize);
-        let end = addr + npages * PAGE_SIZE;
         let mm = self.mm_user(EFAULT)?;
         check_user_range(cmd)?;
         let mut bounce = Bounce::new();
         let started = Instant::<Monotonic>::now();
         let mut done = 0;
+        // The pages faulted by this call end here (0: none yet).
+        let mut faulted = 0;
         loop {
             let before = done;
             done = self.copy_from_user(addr, ptr, done, npages, &mut bounce)?;
@@ -299,8 +312,17 @@ impl DmirrorFile {
             if done == before && started.elapsed() > Delta::from_millis(FAULT_TIMEOUT_MS) {
                 return Err(EBUSY);
             }
-            self.fault(&mm, addr + done * PAGE_SIZE, end, true, false)?;
-            cmd.faults += 1;
+            if faulted == 0 || done < faulted {
+                cmd.faults += 1;
+            }
+            faulted = (done + FAULT_WINDOW).min(npages);
+            self.fault(
+                &mm,
+                addr + done * PAGE_SIZE,
+                addr + faulted * PAGE_SIZE,
+                true,
+                false,
+            )?;
         }
         cmd.cpages = npages as u64;
         Ok(())

@@ -26,12 +26,12 @@ use core::{
 use kernel::{
     alloc::flags::{__GFP_NOWARN, GFP_HIGHUSER, GFP_HIGHUSER_MOVABLE, GFP_KERNEL},
     mm::{
-        folio::{Folio, WritableFolio},
+        folio::{Folio, OwnedFolio},
         memremap::{
             Census, DevPagemap, DeviceFault, DeviceFolio, DevicePagemapOps, FreedFolio,
             PagemapOwner, ReservedRam, SplitFolio, VmFaultCode, PMD_ORDER, SECTION_SIZE,
         },
-        migrate::{LockedFolio, MigrateVma, OwnedFolio, Select},
+        migrate::{LockedFolio, MigrateVma, Select},
     },
     module::ModuleRef,
     new_condvar, new_mutex, new_spinlock_irq,
@@ -74,12 +74,12 @@ struct Table {
 impl Table {
     /// Returns the folio holding the data of `page` and the page's byte offset in it, if the
     /// page is still allocated by the allocation that `page` names.
-    fn get(&self, page: &DevicePage) -> Option<(&WritableFolio, usize)> {
+    fn get(&self, page: &DevicePage) -> Option<(&OwnedFolio, usize)> {
         self.pages
             .get(page.index)?
             .as_ref()
             .filter(|b| b.gen == page.gen)
-            .map(|b| (&*b.folio, b.page * PAGE_SIZE))
+            .map(|b| (&b.folio, b.page * PAGE_SIZE))
     }
 
     /// See [`Chunk::hand_over`]; does not sleep.
@@ -149,7 +149,7 @@ impl<'a> TableLock<'a> {
         &mut self,
         device: &'a Device,
         page: &DevicePage,
-    ) -> Option<(&WritableFolio, usize)> {
+    ) -> Option<(&OwnedFolio, usize)> {
         self.lock(device.tables.get(page.slot)?).get(page)
     }
 }
@@ -902,22 +902,21 @@ impl Device {
                 drop(chunks);
                 None
             }
-            Err(e) => {
-                pr_warn!(
-                    "hmm_dmirror{}: device memory still in use, kept (error {}); unloading refused until it is evicted\n",
-                    self.id,
-                    e.to_errno()
-                );
-                Some(chunks)
-            }
+            Err(e) => Some((chunks, e)),
         };
         let mut memory = self.memory.lock();
-        if let Some(chunks) = kept {
+        if let Some((chunks, e)) = kept {
             // No chunk was added meanwhile (allocations wait for `releasing`): the chunks go
             // back as they were, each in its slot. Until an eviction takes them, the module
             // stays: its exit could only wait for whoever holds the pages.
             memory.chunks = chunks;
             if memory.pinned.is_none() {
+                // Said when the memory is first kept, not on every RELEASE that fails again.
+                pr_warn!(
+                    "hmm_dmirror{}: device memory still in use, kept (error {}); unloading refused until it is evicted\n",
+                    self.id,
+                    e.to_errno()
+                );
                 memory.pinned = kernel::module::this_module::<crate::Dmirror>().try_get();
             }
         } else {

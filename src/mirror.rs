@@ -24,8 +24,8 @@ use crate::{
 use kernel::{
     alloc::flags::GFP_KERNEL,
     mm::{
-        folio::{CpuFolio, Folio, WritableFolio},
-        hmm::{FaultFlags, HmmRange, ValidGuard},
+        folio::{CpuFolio, Folio, FolioGuard, WritableFolio},
+        hmm::{FaultFlags, HmmRange, ValidGuard, WriteGrant},
         memremap::{DevPagemap, PagemapOwner},
         mmu_notifier::{MmuIntervalNotifier, MmuIntervalNotifierOps, NotifierEvent, NotifierRange},
         MmWithUser,
@@ -59,8 +59,9 @@ pub(crate) enum Data {
     /// took exclusive access to): the folio holding the page, and the page's byte offset in it
     /// (a large folio maps many addresses).
     Folio(ARef<CpuFolio>, usize),
-    /// The same, mapped writable: the device may write it.
-    Writable(ARef<WritableFolio>, usize),
+    /// The same, mapped writable: the device may write it for as long as no invalidation
+    /// happened since the grant was found.
+    Writable(WriteGrant, usize),
     /// A page of this device's private memory: its data is in its backing, found in the
     /// device's table while the page is the allocation named. Once the page is freed (it was
     /// migrated away, or the memory evicted) the entry is stale and reads as not mirrored.
@@ -79,21 +80,27 @@ impl Entry {
     ) -> Option<(&'b CpuFolio, usize)> {
         match &self.data {
             Data::Folio(folio, offset) => Some((folio, *offset)),
-            Data::Writable(folio, offset) => Some((folio, *offset)),
+            Data::Writable(grant, offset) => Some((grant, *offset)),
             Data::Device(page) => tables.backing(device, page).map(|(f, o)| (&**f, o)),
         }
     }
 
-    /// Like [`Entry::find`], for an entry the device may write: `None` for a read-only one.
+    /// Like [`Entry::find`], for an entry the device may write, with the folio locked: `None`
+    /// for a read-only one, a writable one whose grant `valid` (the mirror's lock, checked for
+    /// the current sequence number) does not prove current, and a folio locked elsewhere.
     pub(crate) fn find_writable<'a, 'b>(
         &'b self,
         device: &'a Device,
         tables: &'b mut TableLock<'a>,
-    ) -> Option<(&'b WritableFolio, usize)> {
+        valid: &'b ValidGuard<'_, Mirror>,
+    ) -> Option<(FolioGuard<'b, WritableFolio>, usize)> {
         match &self.data {
             Data::Folio(..) => None,
-            Data::Writable(folio, offset) => Some((folio, *offset)),
-            Data::Device(page) => tables.backing(device, page),
+            Data::Writable(grant, offset) => Some((grant.writable(valid)?.try_lock()?, *offset)),
+            Data::Device(page) => {
+                let (backing, offset) = tables.backing(device, page)?;
+                Some((backing.try_lock()?, offset))
+            }
         }
     }
 }
@@ -279,9 +286,9 @@ impl DmirrorFile {
         let pfn = range.pfns().get(i)?;
         let offset = |folio: &Folio| (pfn.pfn() - folio.pfn()) * PAGE_SIZE;
         // System memory and coherent device memory hold their data themselves.
-        let data = if let Some(folio) = range.writable_folio(i, valid) {
-            let offset = offset(&folio);
-            Data::Writable(folio, offset)
+        let data = if let Some(grant) = range.write_grant(i, valid) {
+            let offset = offset(&grant);
+            Data::Writable(grant, offset)
         } else if let Some(folio) = range.cpu_folio(i, valid) {
             let offset = offset(&folio);
             Data::Folio(folio, offset)

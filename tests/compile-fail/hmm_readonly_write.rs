@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 // expect: E0599
 
-//! Writing a page an HMM fault found mapped read-only (the shared zero page, a file mapped read-only): only a writable entry gives a `WritableFolio`.
+//! Writing a page an HMM fault found mapped read-only (the shared zero page, a file mapped read-only): only a writable entry gives a grant, which gives a `WritableFolio`.
 
 use kernel::prelude::*;
 
@@ -13,7 +13,9 @@ pub fn misuse<T: MmuIntervalNotifierOps>(range: &HmmRange<'_, T>) -> Result {
     #[cfg(dmirror_compile_fail)]
     let folio = range.cpu_folio(0, &valid).ok_or(EFAULT)?;
     #[cfg(not(dmirror_compile_fail))]
-    let folio = range.writable_folio(0, &valid).ok_or(EFAULT)?;
-    let mut guard = folio.lock();
+    let grant = range.write_grant(0, &valid).ok_or(EFAULT)?;
+    #[cfg(not(dmirror_compile_fail))]
+    let folio = grant.writable(&valid).ok_or(EBUSY)?;
+    let mut guard = folio.try_lock().ok_or(EBUSY)?;
     guard.write(0, b"dmirror")
 }
