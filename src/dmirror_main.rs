@@ -90,9 +90,9 @@ fn coherent_range(n: usize, base: u64, size: u64) -> Result<Option<ReservedRam>>
         );
         return Err(EINVAL);
     }
-    // SAFETY: The `coherentN_base`/`coherentN_size` parameters name a range the administrator
-    // set aside for this module with `memmap=SIZE$START` (their descriptions say so), which
-    // nothing else uses; `check()` refuses the ranges that certainly are not such memory.
+    // The `coherentN_base`/`coherentN_size` parameters name a range the administrator set aside
+    // for this module with `memmap=SIZE$START` (their descriptions say so).
+    // SAFETY: Nothing else uses a range set aside so; `check()` refuses what is surely not one.
     let why = match unsafe { ReservedRam::check(base, size) } {
         Ok(range) => return Ok(Some(range)),
         Err(RangeError::Misaligned) => "is not aligned to the 128 MiB memory section size",
