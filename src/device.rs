@@ -26,12 +26,12 @@ use core::{
 use kernel::{
     alloc::flags::{__GFP_NOWARN, GFP_HIGHUSER, GFP_HIGHUSER_MOVABLE, GFP_KERNEL},
     mm::{
-        folio::{Folio, OwnedFolio},
+        folio::{Folio, LockedFolio, OwnedFolio},
         memremap::{
             Census, DevPagemap, DeviceFault, DeviceFolio, DevicePagemapOps, FreedFolio,
             PagemapOwner, ReservedRam, SplitFolio, VmFaultCode, PMD_ORDER, SECTION_SIZE,
         },
-        migrate::{LockedFolio, MigrateVma, Select},
+        migrate::{MigrateVma, Select, SelectFlag},
     },
     module::ModuleRef,
     new_condvar, new_mutex, new_spinlock_irq,
@@ -524,7 +524,7 @@ impl DevicePagemapOps for Chunk {
             (
                 start,
                 start + size,
-                Select::DEVICE_PRIVATE | Select::COMPOUND,
+                SelectFlag::DevicePrivate | SelectFlag::Compound,
             )
         } else {
             let size = FAULT_AROUND_PAGES * PAGE_SIZE;
@@ -533,7 +533,7 @@ impl DevicePagemapOps for Chunk {
             (
                 start.max(vma.start()),
                 (start + size).min(vma.end()),
-                Select::DEVICE_PRIVATE,
+                Select::from(SelectFlag::DevicePrivate),
             )
         };
         let Ok(mut mig) = MigrateVma::setup_fault(fault, start, end, select) else {
@@ -728,11 +728,11 @@ impl Device {
     }
 
     /// Returns which device pages migrations collect: this device's kind.
-    pub(crate) fn select(&self) -> Select {
+    pub(crate) fn select(&self) -> SelectFlag {
         if self.is_coherent() {
-            Select::DEVICE_COHERENT
+            SelectFlag::DeviceCoherent
         } else {
-            Select::DEVICE_PRIVATE
+            SelectFlag::DevicePrivate
         }
     }
 
@@ -917,7 +917,13 @@ impl Device {
                     self.id,
                     e.to_errno()
                 );
-                memory.pinned = kernel::module::this_module::<crate::Dmirror>().try_get();
+                // SAFETY: `pinned` is dropped here in `release()`, which runs in a file operation
+                // of a dmirror device file (the RELEASE ioctl, the last close), whose `owner`
+                // reference keeps the module loaded until after the operation returns, or with
+                // the device in the module's exit, which cannot run while it holds a reference.
+                // It is never taken during the module's initialisation.
+                let pin = unsafe { kernel::module::this_module::<crate::Dmirror>().try_get() };
+                memory.pinned = pin;
             }
         } else {
             memory.pinned = None;

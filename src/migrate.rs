@@ -9,17 +9,17 @@
 use crate::{
     device::{to_system, Chunk, Storage, TableLock},
     file::DmirrorFile,
-    mirror::{Data, Entry, IoctlMigration, Room, FAULT_TIMEOUT_MS},
+    mirror::{check_signal, Data, Entry, IoctlMigration, Room, FAULT_TIMEOUT_MS},
     uapi::Cmd,
 };
 use core::sync::atomic::Ordering;
 use kernel::{
     alloc::flags::GFP_KERNEL,
     mm::{
-        folio::{CpuFolio, Folio},
+        folio::{CpuFolio, Folio, LockedFolio},
         hmm::{FaultFlags, HmmRange},
         memremap::{DevPagemap, DeviceFolio, PMD_ORDER},
-        migrate::{LockedFolio, MigrateVma, Select, COMPOUND_PAGES},
+        migrate::{MigrateVma, SelectFlag, COMPOUND_PAGES},
         MmWithUser, MmapReadGuard,
     },
     page::PAGE_SIZE,
@@ -106,6 +106,7 @@ impl DmirrorFile {
         let mmap = mm.mmap_read_lock();
         let mut start = addr;
         while start < end {
+            check_signal()?;
             let vma = mmap.vma_lookup(start).ok_or(EINVAL)?;
             if vma.flags() & kernel::mm::virt::flags::READ == 0 {
                 return Err(EINVAL);
@@ -145,7 +146,7 @@ impl DmirrorFile {
                 start,
                 next,
                 Some(&*self.device.owner),
-                Select::SYSTEM | Select::COMPOUND,
+                SelectFlag::System | SelectFlag::Compound,
             )?;
             let wanted =
                 |i: usize| mig.src(i).is_migrate() && mig.src_folio(i).is_none_or(is_anon_system);
@@ -332,7 +333,7 @@ impl DmirrorFile {
                 start,
                 next,
                 Some(&*self.device.owner),
-                self.device.select() | Select::COMPOUND,
+                self.device.select() | SelectFlag::Compound,
             )?;
             let given = to_system(&mut mig, &self.device.owner, || self.take_fail_alloc())?;
             let mig = mig.pages();

@@ -40,6 +40,17 @@ use kernel::{
 /// How long a fault retries on concurrent invalidations before giving up with `EBUSY`.
 pub(crate) const FAULT_TIMEOUT_MS: i64 = 1000;
 
+/// Ends a request that goes through a range a window at a time, between windows, when a signal
+/// is pending for the caller: the ioctl is restarted (or fails with `EINTR`), so that a killed
+/// process does not stay in the kernel for the rest of a long range.
+pub(crate) fn check_signal() -> Result {
+    if kernel::current!().signal_pending() {
+        Err(ERESTARTSYS)
+    } else {
+        Ok(())
+    }
+}
+
 /// Pages faulted per `hmm_range_fault()` call.
 pub(crate) const FAULT_WINDOW: usize = 64;
 
@@ -324,6 +335,7 @@ impl DmirrorFile {
         };
         let mut addr = start;
         while addr < end {
+            check_signal()?;
             let n = ((end - addr) / PAGE_SIZE).min(FAULT_WINDOW);
             self.fault_window(mm, addr, n, flags, write, unlocked)?;
             addr += n * PAGE_SIZE;

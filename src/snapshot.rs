@@ -6,7 +6,7 @@
 use crate::{
     device::Chunk,
     file::DmirrorFile,
-    mirror::{FAULT_TIMEOUT_MS, FAULT_WINDOW},
+    mirror::{check_signal, FAULT_TIMEOUT_MS, FAULT_WINDOW},
     uapi::{prot, Cmd},
 };
 use kernel::{
@@ -39,6 +39,7 @@ impl DmirrorFile {
         let owner = Some(&*self.device.owner);
         let mut done = 0;
         while done < npages {
+            check_signal()?;
             let n = (npages - done).min(FAULT_WINDOW);
             let start = addr + done * PAGE_SIZE;
             let notifier = KBox::pin_init(

@@ -6,9 +6,8 @@
 use kernel::prelude::*;
 
 use kernel::mm::{
-    folio::Folio,
+    folio::{Folio, LockedFolio},
     memremap::{DeviceFault, DevicePagemapOps, FreedFolio, VmFaultCode},
-    migrate::LockedFolio,
 };
 
 /// A device whose eviction copies the device folio itself.

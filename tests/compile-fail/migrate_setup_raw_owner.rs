@@ -7,7 +7,7 @@ use kernel::prelude::*;
 
 use kernel::mm::{
     memremap::PagemapOwner,
-    migrate::{MigrateVma, Select},
+    migrate::{MigrateVma, SelectFlag},
     MmWithUser,
 };
 
@@ -19,6 +19,6 @@ pub fn misuse(mm: &MmWithUser, addr: usize, owner: &PagemapOwner<()>) -> Result<
     let owner = owner.token();
     #[cfg(not(dmirror_compile_fail))]
     let owner = Some(owner);
-    let mig = MigrateVma::setup(&mmap, addr, end, owner, Select::DEVICE_PRIVATE)?;
+    let mig = MigrateVma::setup(&mmap, addr, end, owner, SelectFlag::DevicePrivate)?;
     Ok(mig.cpages())
 }

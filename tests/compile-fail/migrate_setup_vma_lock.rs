@@ -7,7 +7,7 @@ use kernel::prelude::*;
 
 use kernel::mm::{
     memremap::PagemapOwner,
-    migrate::{MigrateVma, Select},
+    migrate::{MigrateVma, SelectFlag},
     MmWithUser,
 };
 
@@ -19,6 +19,6 @@ pub fn misuse(mm: &MmWithUser, addr: usize) -> Result<usize> {
     #[cfg(not(dmirror_compile_fail))]
     let lock = mm.mmap_read_lock();
     let owner: Option<&PagemapOwner<()>> = None;
-    let mig = MigrateVma::setup(&lock, addr, end, owner, Select::SYSTEM)?;
+    let mig = MigrateVma::setup(&lock, addr, end, owner, SelectFlag::System)?;
     Ok(mig.cpages())
 }

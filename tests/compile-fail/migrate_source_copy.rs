@@ -5,7 +5,7 @@
 
 use kernel::prelude::*;
 
-use kernel::mm::migrate::{LockedFolio, MigrateVma};
+use kernel::mm::{folio::LockedFolio, migrate::MigrateVma};
 
 /// Fills a destination from the source of entry `i`.
 pub fn misuse(mig: &MigrateVma<'_>, i: usize, dst: &mut LockedFolio) -> Result {

@@ -4,7 +4,7 @@
 //! Keeping a reference to a migration destination that still writes it once the migration took it and user space maps it: a write right is only borrowed, a kept reference reads.
 
 use kernel::{
-    mm::{folio::CpuFolio, migrate::LockedFolio},
+    mm::folio::{CpuFolio, LockedFolio},
     sync::aref::ARef,
 };
 

@@ -360,15 +360,18 @@ fn is_rust_patch(text: &str) -> bool {
     })
 }
 
+/// The series' cover letter in `patches/`, which is not a patch to apply.
+pub const COVER_LETTER: &str = "0000-cover-letter.patch";
+
 impl Series {
-    /// The `*.patch` files of a directory, sorted by name.
+    /// The `*.patch` files of a directory, sorted by name, without the cover letter.
     pub fn read(dir: &Path) -> Result<Series, String> {
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .map_err(|e| format!("{}: {e}", dir.display()))?
             .filter_map(|e| e.ok())
             .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| n.ends_with(".patch"))
+            .filter(|n| n.ends_with(".patch") && n != COVER_LETTER)
             .collect();
         names.sort();
         let mut patches = Vec::new();
@@ -1061,6 +1064,21 @@ pub fn validate(python: &Path, file: &Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn series_leaves_out_the_cover_letter() {
+        let dir = std::env::temp_dir().join(format!("kcidb-series-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(COVER_LETTER), "Subject: [PATCH 0/2] mm: x\n").unwrap();
+        std::fs::write(dir.join("0001-a.patch"), "Subject: [PATCH] mm: a\n").unwrap();
+        std::fs::write(dir.join("0002-b.patch"), "Subject: [PATCH] rust: b\n").unwrap();
+        let series = Series::read(&dir);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let series = series.unwrap();
+        let names: Vec<&str> = series.patches.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["0001-a.patch", "0002-b.patch"]);
+        assert_eq!(series.stock().count(), 1);
+    }
 
     #[test]
     fn sha256_known_answers() {

@@ -683,7 +683,7 @@ impl Caller<'_> {
                     bit(EFAULT),
                 );
                 when(has(Kind::File) || has(Kind::DevMap), bit(EOPNOTSUPP));
-                when(mapped, bit(ENOENT));
+                when(mapped, bit(ENOENT) | bit(EBUSY));
             }
             CHECK_EXCLUSIVE => {
                 when(true, OK);

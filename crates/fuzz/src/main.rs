@@ -1,6 +1,6 @@
 //! dmirror-fuzz: a bounded, seeded fuzzer of dmirror's ioctls, run as root in the bench guest.
 //!
-//! `dmirror-fuzz [--calls N] [--seed N] [--threads N] [--module KO] [--arg ARG]...`
+//! `dmirror-fuzz [--calls N] [--seed N] [--threads N] [--module KO] [--arg ARG]... [--stuck-secs N]`
 //!
 //! It loads `dmirror.ko` itself (with the coherent ranges given as `--arg`), then:
 //!
@@ -33,7 +33,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// Seconds a call may take, and seconds without any call completing, before the watchdog
-/// fails the run.
+/// fails the run (`--stuck-secs`).
 const STUCK_SECS: u64 = 30;
 /// Seconds the worker may take to check its memory after the last call.
 const FINAL_SECS: u64 = 120;
@@ -48,18 +48,23 @@ struct Opts {
     module: String,
     /// Its arguments (the coherent ranges).
     args: Vec<String>,
+    /// The watchdog's limit, in seconds.
+    stuck_secs: u64,
 }
 
 /// Prints the usage and exits.
 fn usage() -> ! {
     eprintln!(
         "usage: dmirror-fuzz [--calls N] [--seed N] [--threads N] [--module KO] [--arg ARG]...\n\
+         [--stuck-secs N]\n\
          \n\
          --calls N    calls of the random phase (default 100000)\n\
          --seed N     seed of every random choice (default: the clock; printed)\n\
          --threads N  calling threads, 1 to 16 (default 3)\n\
          --module KO  dmirror.ko to load (default /lib/modules/dmirror.ko)\n\
-         --arg ARG    a module argument (repeatable): the coherent ranges"
+         --arg ARG    a module argument (repeatable): the coherent ranges\n\
+         --stuck-secs N  seconds a call may take, and without any call completing, before\n\
+                      the watchdog fails the run (default 30; more for a slow kernel)"
     );
     std::process::exit(2)
 }
@@ -74,6 +79,7 @@ fn parse_args() -> Opts {
         threads: 3,
         module: "/lib/modules/dmirror.ko".into(),
         args: Vec::new(),
+        stuck_secs: STUCK_SECS,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -84,6 +90,7 @@ fn parse_args() -> Opts {
             "--threads" => o.threads = value().parse().unwrap_or_else(|_| usage()),
             "--module" => o.module = value(),
             "--arg" => o.args.push(value()),
+            "--stuck-secs" => o.stuck_secs = value().parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
@@ -191,7 +198,7 @@ fn main() {
             },
         );
     }
-    let (stuck, status) = watch(shared, pid);
+    let (stuck, status) = watch(shared, pid, opts.stuck_secs);
     let phase_secs = phase_started.elapsed().as_secs_f64();
 
     // 3..15: the categories.
@@ -309,8 +316,8 @@ fn results(shared: &Shared, cat: usize) -> String {
 
 /// Waits for the worker; returns the calls that got stuck (if the watchdog fired) and the
 /// worker's wait status (`None` if it could not be reaped).
-fn watch(shared: &Shared, pid: i32) -> (Vec<String>, Option<i32>) {
-    let limit = STUCK_SECS * 1_000_000_000;
+fn watch(shared: &Shared, pid: i32, stuck_secs: u64) -> (Vec<String>, Option<i32>) {
+    let limit = stuck_secs * 1_000_000_000;
     let mut last_calls = 0;
     let mut last_progress = now_ns();
     let mut phase_over_at = None;
@@ -352,7 +359,7 @@ fn watch(shared: &Shared, pid: i32) -> (Vec<String>, Option<i32>) {
             }
         } else if now - last_progress > limit {
             stuck.push(format!(
-                "no call completed for {STUCK_SECS} s ({calls} calls made)"
+                "no call completed for {stuck_secs} s ({calls} calls made)"
             ));
         }
         if stuck.is_empty() {

@@ -114,7 +114,7 @@ fn devdax_free_page_refcount_zero(ctx: &Ctx) -> R {
 /// after a partial `munmap()`.
 ///
 /// On the stock kernel the split oopses before the pgmap matters, in `lru_add_split_folio()`
-/// (series patch 15), with interrupts off and the LRU lock held, and the guest hangs: the case
+/// (series patch 6), with interrupts off and the LRU lock held, and the guest hangs: the case
 /// says SKIP there (the regression table shows it as not shown) instead of taking the stock run
 /// down; running it by hand on that kernel shows the Oops.
 fn split_coherent_thp_keeps_pgmap(ctx: &Ctx) -> R {
@@ -122,7 +122,7 @@ fn split_coherent_thp_keeps_pgmap(ctx: &Ctx) -> R {
     if cmdline.split_whitespace().any(|w| w == "dmirror.plan=stock") {
         return Err(Fail::Skip(
             "the stock kernel oopses in lru_add_split_folio() splitting a coherent THP (series \
-             patch 15) and hangs with the LRU lock held"
+             patch 6) and hangs with the LRU lock held"
                 .into(),
         ));
     }
