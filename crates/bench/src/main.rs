@@ -140,6 +140,15 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
     })
 }
 
+/// The `-smp` value: `cpus` CPUs, each in a socket of its own when there are NUMA nodes.
+fn smp_arg(cpus: u32, nodes: u32) -> String {
+    if nodes > 0 {
+        format!("{cpus},sockets={cpus},cores=1,threads=1")
+    } else {
+        cpus.to_string()
+    }
+}
+
 /// The QEMU arguments for `nodes` NUMA nodes sharing the guest's memory and `cpus` CPUs evenly
 /// (the first nodes get the CPUs left over).
 fn numa_args(nodes: u32, cpus: u32) -> Vec<String> {
@@ -317,7 +326,9 @@ fn run(args: RunArgs) -> Result<bool, String> {
     let mut cmd = Command::new(QEMU);
     cmd.args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"])
         .args(["-accel", accel, "-cpu", cpu])
-        .args(["-smp", &args.smp.to_string(), "-m", GUEST_MEM])
+        // With NUMA nodes, one CPU a socket: CPUs of one socket share a last-level cache, and
+        // a cache shared across nodes makes the kernel warn at boot.
+        .args(["-smp", &smp_arg(args.smp, args.numa), "-m", GUEST_MEM])
         .args(if args.numa > 0 { numa_args(args.numa, args.smp) } else { Vec::new() })
         .arg("-kernel")
         .arg(&args.kernel)
