@@ -55,7 +55,7 @@ fn captured_pair_is_green() {
     assert!(summary(&out).ends_with(", 0 regressions"), "{out}");
     assert!(out.lines().last() == Some("mm-selftests: PASS"), "{out}");
     // One row per case, with both columns.
-    assert!(table.contains("| cow.Basic COW after fork() with base page | pass | pass | pass both |"), "{table}");
+    assert!(table.contains("| cow.Basic COW after fork() ... with base page | pass | pass | pass both |"), "{table}");
     assert!(table.lines().filter(|l| l.starts_with("| ")).count() > 500, "{table}");
 }
 
@@ -63,12 +63,12 @@ fn captured_pair_is_green() {
 fn a_case_failing_patched_only_is_a_regression() {
     let (rc, out, table) = compare(
         "regress",
-        |t| t.replacen("    ok 1 Basic COW after fork() with base page", "    not ok 1 Basic COW after fork() with base page", 1),
+        |t| t.replacen("    ok 1 Basic COW after fork() ... with base page", "    not ok 1 Basic COW after fork() ... with base page", 1),
         &project_known(),
     );
     assert_eq!(rc, 1, "{out}");
     assert!(summary(&out).ends_with(", 1 regressions"), "{out}");
-    assert!(table.contains("| cow.Basic COW after fork() with base page | pass | FAIL | REGRESSION"), "{table}");
+    assert!(table.contains("| cow.Basic COW after fork() ... with base page | pass | FAIL | REGRESSION"), "{table}");
 }
 
 #[test]
@@ -90,7 +90,7 @@ fn a_patched_program_dying_midway_is_caught() {
     let (rc, out, _) = compare(
         "crash",
         |t| {
-            let first = t.find("    ok 1 Basic COW after fork() with base page\n").expect("cow's first case");
+            let first = t.find("    ok 1 Basic COW after fork() ... with base page\n").expect("cow's first case");
             let start = first + t[first..].find("    ok 2 ").expect("cow's second case");
             let end = start + t[start..].find("# mm-selftests: cow exit").expect("cow's end");
             let rest = &t[end..];
