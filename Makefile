@@ -4,6 +4,7 @@
 #   make test      every test: host unit tests, the VM suites, the regression cases on
 #                  the stock kernel too, and the two columns side by side
 #   make stock     the regression cases on the stock kernel alone
+#   make mm-selftests  the kernel's mm selftests on both kernels, side by side
 #   make compile-fail  the compile-fail cases (tests/compile-fail) alone, on the host
 #   make kernel    build (or reuse) the cached kernel ($KERNEL_FLAVOUR)
 #   make / make module, make clippy, make rust-analyzer, make checkpatch
@@ -45,9 +46,25 @@ KMAKE = $(MAKE) -C $(KDIR) $(KMAKE_ARGS)
 # the sources in build/stock/module, so the tree's dmirror.ko stays the patched one.
 STOCK_BUILD := $(ROOT)/build/stock
 STOCK_KDIR = $(shell KERNEL_FLAVOUR=stock $(ROOT)/scripts/kernel path)
+STOCK_SRC = $(shell KERNEL_FLAVOUR=stock $(ROOT)/scripts/kernel src)
+
+# The kernel's mm selftests (tools/testing/selftests/mm, built by scripts/build-mm-selftests from
+# each kernel's tree) run in a boot of their own on each kernel, with two NUMA nodes and three
+# CPUs (`migration` needs both); `dmirror-bench mm` puts the two runs side by side and fails on a
+# regression, on a failure on both kernels without a reason in MM_KNOWN, or on a kernel report in
+# the patched run. MM="cow gup" runs only the programs whose label contains one of the words.
+MM ?=
+MM_KNOWN := $(ROOT)/qemu/mm-selftests.known
+# proc_mem.force_override=always: mkdirty writes through /proc/self/mem (the bench kernel's
+# default allows that only under ptrace).
+MM_RUN = --smp 3 --numa 2 --timeout 1800 --results $(ROOT)/results --append dmirror.suite_timeout=1500 \
+	--append proc_mem.force_override=always \
+	$(if $(MM),--append dmirror.mm=$(subst $(space),$(comma),$(strip $(MM))))
+MM_COMPARE = $(BENCH) mm $(ROOT)/results/latest-mm $(ROOT)/results/latest-mm-stock --known $(MM_KNOWN)
 
 .PHONY: all series-check module clippy rust-analyzer kernel setup canary selftest tools suite perf fuzz bench \
-	initramfs demo test stock stock-initramfs check-dmirror check-suite check-fuzz soak soak-test reference \
+	initramfs demo test stock stock-initramfs mm-build mm-initramfs stock-mm-initramfs check-mm stock-mm \
+	mm-selftests check-dmirror check-suite check-fuzz soak soak-test reference \
 	host-test \
 	checkpatch compile-fail clean
 
@@ -112,6 +129,23 @@ initramfs: module canary selftest suite perf fuzz $(FSDAX_IMG)
 		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/dmirror_evict $(SUITE) $(PERF) \
 		$(FUZZ) $(FSDAX_IMG)
 
+# The mm selftests for the patched kernel, and their initramfs (with upstream hmm-tests and the
+# C test_hmm.ko, and the FS-DAX image for gup_longterm's files).
+mm-build: $(KERNEL_DEP)
+	$(ROOT)/scripts/build-mm-selftests $(KSRC) $(KDIR) $(BUILD)/mm
+
+mm-initramfs: selftest mm-build $(FSDAX_IMG)
+	$(ROOT)/scripts/mkinitramfs $(KDIR) $(BUILD)/mm-initramfs.cpio.gz \
+		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/mm $(FSDAX_IMG)
+
+# The same from and for the stock kernel.
+stock-mm-initramfs: $(FSDAX_IMG)
+	KERNEL_FLAVOUR=stock $(ROOT)/scripts/kernel build
+	$(ROOT)/scripts/build-selftest $(STOCK_SRC) $(STOCK_KDIR) $(STOCK_BUILD)/hmm-tests
+	$(ROOT)/scripts/build-mm-selftests $(STOCK_SRC) $(STOCK_KDIR) $(STOCK_BUILD)/mm
+	$(ROOT)/scripts/mkinitramfs $(STOCK_KDIR) $(STOCK_BUILD)/mm-initramfs.cpio.gz \
+		$(STOCK_KDIR)/lib/test_hmm.ko $(STOCK_BUILD)/hmm-tests $(STOCK_BUILD)/mm $(FSDAX_IMG)
+
 host-test:
 	cargo test --quiet --workspace
 
@@ -150,15 +184,19 @@ demo: initramfs tools
 # merged in), then the regression cases on the stock kernel, the KCIDB export of both runs
 # (kcidb.json in the patched run's results; KCIDB_URL=<where results/ is published> adds
 # links), then both columns of the regression table; fails if any of them fails.
-test: host-test initramfs tools
+test: host-test initramfs mm-initramfs tools
 	@rc=0; \
 	$(COMPILE_FAIL_RUN) || rc=1; \
 	$(BENCH) run --plan test --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS) --host-ktap $(COMPILE_FAIL)/compile-fail.ktap || rc=1; \
+	$(BENCH) run --plan mm --kernel $(KDIR)/arch/x86/boot/bzImage \
+		--initrd $(BUILD)/mm-initramfs.cpio.gz $(MM_RUN) || rc=1; \
 	$(MAKE) --no-print-directory stock || rc=1; \
+	$(MAKE) --no-print-directory stock-mm || rc=1; \
 	$(BENCH) kcidb $(ROOT)/results/latest-test --stock $(ROOT)/results/latest-stock \
 		--patches $(ROOT)/patches $(if $(KCIDB_URL),--url-base $(KCIDB_URL)) || rc=1; \
+	$(MM_COMPARE) || rc=1; \
 	$(BENCH) regress $(ROOT)/results/latest-test $(ROOT)/results/latest-stock || rc=1; \
 	exit $$rc
 
@@ -175,6 +213,23 @@ stock: stock-initramfs tools
 	$(BENCH) run --plan stock --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
 		--initrd $(STOCK_BUILD)/initramfs.cpio.gz --timeout 900 --results $(ROOT)/results \
 		$(if $(SEED),--append dmirror.seed=$(SEED))
+
+# The mm selftests on the patched kernel alone (MM="NAME ..." filters them), on the stock kernel
+# alone, and both then side by side (the table goes into the patched run's results).
+check-mm: mm-initramfs tools
+	$(BENCH) run --plan mm --kernel $(KDIR)/arch/x86/boot/bzImage \
+		--initrd $(BUILD)/mm-initramfs.cpio.gz $(MM_RUN)
+
+stock-mm: stock-mm-initramfs tools
+	$(BENCH) run --plan mm-stock --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
+		--initrd $(STOCK_BUILD)/mm-initramfs.cpio.gz $(MM_RUN)
+
+mm-selftests: mm-initramfs stock-mm-initramfs tools
+	@rc=0; \
+	$(MAKE) --no-print-directory check-mm || rc=1; \
+	$(MAKE) --no-print-directory stock-mm || rc=1; \
+	$(MM_COMPARE) || rc=1; \
+	exit $$rc
 
 # The benchmark: one boot, both drivers; the report goes to results/<run>/bench/.
 # PERF_ARGS="--reps 3 --sizes 2,32" for a shorter run (passed with ~ for spaces).

@@ -5,6 +5,7 @@ pub mod compile_fail;
 pub mod dmesg;
 pub mod kcidb;
 pub mod ktap;
+pub mod mm;
 pub mod regress;
 pub mod report;
 pub mod stream;

@@ -2,10 +2,11 @@
 //!
 //! ```text
 //! dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S]
-//!                   [--results DIR] [--kvm] [--append ARG]... [--host-ktap FILE]...
+//!                   [--results DIR] [--kvm] [--smp N] [--numa N] [--append ARG]... [--host-ktap FILE]...
 //! dmirror-bench judge RESULTS_DIR
 //! dmirror-bench report RESULTS_DIR
 //! dmirror-bench regress PATCHED_DIR STOCK_DIR
+//! dmirror-bench mm PATCHED_DIR STOCK_DIR --known FILE
 //! dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]
 //! dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S]
 //!                   [--make MAKE] [-- MAKE_ARG...]
@@ -19,7 +20,14 @@
 //! the `bench` plan also writes its report to `<run>/bench/` (`report` redoes
 //! that from the saved files). `regress` puts the regression suite's results of a
 //! stock-kernel run beside the patched run's (`regress.md` in PATCHED_DIR) and prints the
-//! patched run's gated totals with the regression verdicts added.
+//! patched run's gated totals with the regression verdicts added. `mm` puts the kernel's mm
+//! selftests of a stock run beside a patched run's (`mm`): it writes `mm-selftests.md` and
+//! `mm-selftests.json` into PATCHED_DIR, prints the cases that need a reader's eye and one summary
+//! line, and exits 0 only when nothing regressed, every failure on both kernels has a reason in
+//! FILE, the patched suite caused no kernel report and both runs finished.
+//!
+//! `run --smp N` gives the guest N CPUs (default 2); `--numa N` splits its memory and CPUs into N
+//! NUMA nodes (default: none).
 //!
 //! `compile-fail` builds every case of the compile-fail suite (`compile_fail`) against a kernel
 //! tree with `MAKE -C KDIR MAKE_ARG... M=<dir> modules`, writes `OUT/compile-fail.ktap`, prints
@@ -35,6 +43,7 @@
 
 use dmirror_bench::compile_fail;
 use dmirror_bench::kcidb;
+use dmirror_bench::mm;
 use dmirror_bench::regress::{self, Verdict};
 use dmirror_bench::report;
 use dmirror_bench::stream;
@@ -49,6 +58,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// `/dev/pmem1` for O_DIRECT and device-DAX; RAM between them keeps them
 /// apart) and the reserved range for coherent devices (docs/driver.md, "Module parameters").
 const GUEST_MEM: &str = "3G";
+/// The same, in MiB, for splitting it into NUMA nodes.
+const GUEST_MEM_MIB: u64 = 3072;
 const GUEST_CPUS: u32 = 2;
 const QEMU: &str = "qemu-system-x86_64";
 const PMEM: &[&str] = &["memmap=256M!1G", "memmap=128M!1408M"];
@@ -65,6 +76,8 @@ struct RunArgs {
     kvm: bool,
     append: Vec<String>,
     host_ktap: Vec<PathBuf>,
+    smp: u32,
+    numa: u32,
 }
 
 /// The file in a results directory that names the suites run on the host, one a line; each
@@ -73,7 +86,7 @@ const HOST_SUITES: &str = "host-suites";
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--kvm] [--append ARG]... [--host-ktap FILE]...\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR\n       dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]\n       dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S] [--make MAKE] [-- MAKE_ARG...]"
+        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--kvm] [--smp N] [--numa N] [--append ARG]... [--host-ktap FILE]...\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR\n       dmirror-bench mm PATCHED_DIR STOCK_DIR --known FILE\n       dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]\n       dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S] [--make MAKE] [-- MAKE_ARG...]"
     );
     ExitCode::from(2)
 }
@@ -87,6 +100,8 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
     let mut kvm = false;
     let mut append = Vec::new();
     let mut host_ktap = Vec::new();
+    let mut smp = GUEST_CPUS;
+    let mut numa = 0;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
@@ -99,6 +114,8 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
             "--append" => append.push(value()?),
             "--host-ktap" => host_ktap.push(PathBuf::from(value()?)),
             "--kvm" => kvm = true,
+            "--smp" => smp = value()?.parse().map_err(|e| format!("--smp: {e}"))?,
+            "--numa" => numa = value()?.parse().map_err(|e| format!("--numa: {e}"))?,
             _ => return Err(format!("unknown argument {a}")),
         }
     }
@@ -111,7 +128,41 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
         kvm,
         append,
         host_ktap,
+        smp,
+        numa,
     })
+    .and_then(|r| {
+        if r.smp == 0 || r.numa > r.smp || GUEST_MEM_MIB % u64::from(r.numa.max(1)) != 0 {
+            Err(format!("--smp {} --numa {}: want 1 <= nodes <= CPUs, memory divisible", r.smp, r.numa))
+        } else {
+            Ok(r)
+        }
+    })
+}
+
+/// The `-smp` value: `cpus` CPUs, each in a socket of its own when there are NUMA nodes.
+fn smp_arg(cpus: u32, nodes: u32) -> String {
+    if nodes > 0 {
+        format!("{cpus},sockets={cpus},cores=1,threads=1")
+    } else {
+        cpus.to_string()
+    }
+}
+
+/// The QEMU arguments for `nodes` NUMA nodes sharing the guest's memory and `cpus` CPUs evenly
+/// (the first nodes get the CPUs left over).
+fn numa_args(nodes: u32, cpus: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut first = 0;
+    for n in 0..nodes {
+        let k = cpus / nodes + u32::from(n < cpus % nodes);
+        out.push("-object".into());
+        out.push(format!("memory-backend-ram,id=mem{n},size={}M", GUEST_MEM_MIB / u64::from(nodes)));
+        out.push("-numa".into());
+        out.push(format!("node,nodeid={n},cpus={first}-{},memdev=mem{n}", first + k - 1));
+        first += k;
+    }
+    out
 }
 
 /// Parses the arguments of `compile-fail`; those after `--` go to the kernel's make.
@@ -275,7 +326,10 @@ fn run(args: RunArgs) -> Result<bool, String> {
     let mut cmd = Command::new(QEMU);
     cmd.args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"])
         .args(["-accel", accel, "-cpu", cpu])
-        .args(["-smp", &GUEST_CPUS.to_string(), "-m", GUEST_MEM])
+        // With NUMA nodes, one CPU a socket: CPUs of one socket share a last-level cache, and
+        // a cache shared across nodes makes the kernel warn at boot.
+        .args(["-smp", &smp_arg(args.smp, args.numa), "-m", GUEST_MEM])
+        .args(if args.numa > 0 { numa_args(args.numa, args.smp) } else { Vec::new() })
         .arg("-kernel")
         .arg(&args.kernel)
         .arg("-initrd")
@@ -334,7 +388,7 @@ fn run(args: RunArgs) -> Result<bool, String> {
             version: qemu_version(),
             accel: accel.into(),
             cpu: cpu.into(),
-            smp: GUEST_CPUS,
+            smp: args.smp,
             memory: GUEST_MEM.into(),
         },
         kernel: build_dir.as_deref().map(kcidb::kernel_build),
@@ -552,6 +606,58 @@ fn regress_dirs(patched_dir: &Path, stock_dir: &Path) -> Result<bool, String> {
     Ok(ok)
 }
 
+/// Puts the mm selftests of a stock run beside a patched run's: writes `mm-selftests.md` and
+/// `mm-selftests.json` into the patched run's directory, prints what needs a reader's eye and
+/// the one-line summary.
+fn mm_dirs(patched_dir: &Path, stock_dir: &Path, known_file: &Path) -> Result<bool, String> {
+    let patched_dir = &fs::canonicalize(patched_dir).map_err(|e| format!("{}: {e}", patched_dir.display()))?;
+    let stock_dir = &fs::canonicalize(stock_dir).map_err(|e| format!("{}: {e}", stock_dir.display()))?;
+    let known_text = fs::read_to_string(known_file).map_err(|e| format!("{}: {e}", known_file.display()))?;
+    let known = mm::parse_known(&known_text).map_err(|e| format!("{}: {e}", known_file.display()))?;
+    let (_, patched) = load(patched_dir)?;
+    let (_, stock) = load(stock_dir)?;
+    let rows = mm::compare(&patched, &stock, &known);
+    let counts = mm::counts(&rows);
+    let findings = mm::findings(&patched);
+    let line = mm::summary_line(&counts);
+    let md = format!(
+        "The kernel's mm selftests (suite `{}`): stock kernel ({}, {}) beside patched ({}, {}).\n\n{line}\n\n{}",
+        mm::SUITE,
+        stock.kernel.as_deref().unwrap_or("?"),
+        stock_dir.display(),
+        patched.kernel.as_deref().unwrap_or("?"),
+        patched_dir.display(),
+        mm::table(&rows)
+    );
+    fs::write(patched_dir.join("mm-selftests.md"), &md).map_err(|e| format!("mm-selftests.md: {e}"))?;
+    let json = serde_json::json!({
+        "suite": mm::SUITE,
+        "patched": { "dir": patched_dir, "kernel": patched.kernel },
+        "stock": { "dir": stock_dir, "kernel": stock.kernel },
+        "counts": counts,
+        "patched_findings": findings,
+        "rows": rows,
+    });
+    let json = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
+    fs::write(patched_dir.join("mm-selftests.json"), json).map_err(|e| format!("mm-selftests.json: {e}"))?;
+    println!("\nmm-selftests: the table (stock beside patched, per case) is in {}", patched_dir.join("mm-selftests.md").display());
+    for n in mm::notable(&rows) {
+        println!("mm-selftests: {n}");
+    }
+    for f in &findings {
+        println!("mm-selftests: patched kernel report {} at dmesg line {}: {}", f.kind, f.line_no, f.line);
+    }
+    for (what, s) in [("patched", &patched), ("stock", &stock)] {
+        if !s.done {
+            println!("mm-selftests: the {what} run did not finish its plan");
+        }
+    }
+    let ok = mm::ok(&counts, &findings, patched.done && stock.done);
+    println!("{line}");
+    println!("mm-selftests: {}", if ok { "PASS" } else { "FAIL" });
+    Ok(ok)
+}
+
 /// Judges a results directory and writes its per-suite files and summary.
 fn judge_dir(dir: &Path) -> Result<Summary, String> {
     let (stream, summary) = load(dir)?;
@@ -630,6 +736,9 @@ fn main() -> ExitCode {
         Some("report") if args.len() == 2 => report_dir(Path::new(&args[1])).map(|()| true),
         Some("regress") if args.len() == 3 => regress_dirs(Path::new(&args[1]), Path::new(&args[2])),
         Some("kcidb") if args.len() >= 2 => kcidb_cmd(&args[1..]),
+        Some("mm") if args.len() == 5 && args[3] == "--known" => {
+            mm_dirs(Path::new(&args[1]), Path::new(&args[2]), Path::new(&args[4]))
+        }
         Some("compile-fail") => match parse_compile_fail(&args[1..]) {
             Ok(cfg) => compile_fail_cmd(&cfg),
             Err(e) => {
