@@ -254,18 +254,9 @@ pub fn findings(s: &Summary) -> Vec<Finding> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stream;
-    use crate::verdict::judge;
 
     fn run(results: &str) -> Summary {
-        judge(
-            &stream::parse(&format!(
-                "@@DMIRROR BOOT 7.3.4\n@@DMIRROR DMESG boot\n@@DMIRROR END boot rc=0\n\
-                 @@DMIRROR BEGIN {SUITE} gated=0 expect_findings=0\n{results}@@DMIRROR DMESG {SUITE}\n\
-                 @@DMIRROR END {SUITE} rc=0\n@@DMIRROR DONE\n"
-            )),
-            "",
-        )
+        crate::verdict::one_suite_run(SUITE, results)
     }
 
     fn verdicts(rows: &[Row]) -> Vec<(&str, Verdict)> {

@@ -262,6 +262,20 @@ pub fn judge(stream: &Stream, console: &str) -> Summary {
 }
 
 
+/// The verdict of a run that booted and ran `suite` alone, not gated, with KTAP `results`
+/// (for the tests of the modules that compare runs).
+#[cfg(test)]
+pub(crate) fn one_suite_run(suite: &str, results: &str) -> Summary {
+    judge(
+        &crate::stream::parse(&format!(
+            "@@DMIRROR BOOT 7.3.4\n@@DMIRROR DMESG boot\n@@DMIRROR END boot rc=0\n\
+             @@DMIRROR BEGIN {suite} gated=0 expect_findings=0\n{results}@@DMIRROR DMESG {suite}\n\
+             @@DMIRROR END {suite} rc=0\n@@DMIRROR DONE\n"
+        )),
+        "",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
