@@ -132,7 +132,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
         numa,
     })
     .and_then(|r| {
-        if r.smp == 0 || r.numa > r.smp || GUEST_MEM_MIB % u64::from(r.numa.max(1)) != 0 {
+        if r.smp == 0 || r.numa > r.smp || !GUEST_MEM_MIB.is_multiple_of(u64::from(r.numa.max(1))) {
             Err(format!("--smp {} --numa {}: want 1 <= nodes <= CPUs, memory divisible", r.smp, r.numa))
         } else {
             Ok(r)
