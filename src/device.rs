@@ -917,11 +917,11 @@ impl Device {
                     self.id,
                     e.to_errno()
                 );
-                // SAFETY: `pinned` is dropped here in `release()`, which runs in a file operation
-                // of a dmirror device file (the RELEASE ioctl, the last close), whose `owner`
-                // reference keeps the module loaded until after the operation returns, or with
-                // the device in the module's exit, which cannot run while it holds a reference.
-                // It is never taken during the module's initialisation.
+                // `pinned` is dropped here in `release()`, which runs in a file operation of a
+                // dmirror device file (the RELEASE ioctl, the last close), whose `owner` reference
+                // keeps the module loaded until after the operation returns, or with the device in
+                // the module's exit, which cannot run while it holds a reference.
+                // SAFETY: Given back only where the module is kept loaded (above), never in init.
                 let pin = unsafe { kernel::module::this_module::<crate::Dmirror>().try_get() };
                 memory.pinned = pin;
             }

@@ -7,6 +7,7 @@
 
 use crate::dmesg::Finding;
 use crate::ktap::Outcome;
+use crate::regress::cell;
 use crate::verdict::{Summary, SYNTHETIC};
 use serde::Serialize;
 
@@ -140,16 +141,6 @@ pub fn compare(patched: &Summary, stock: &Summary, known: &[Known]) -> Vec<Row> 
         rows.push(Row { name: name.clone(), stock, patched, verdict, reason });
     }
     rows
-}
-
-fn cell(o: Option<Outcome>) -> &'static str {
-    match o {
-        Some(Outcome::Pass) => "pass",
-        Some(Outcome::Fail) => "FAIL",
-        Some(Outcome::Skip) => "skip",
-        Some(Outcome::Crash) => "crash",
-        None => "missing",
-    }
 }
 
 fn verdict_text(r: &Row) -> String {

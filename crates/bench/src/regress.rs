@@ -60,7 +60,8 @@ pub fn compare(patched: &Summary, stock: &Summary) -> Vec<Row> {
     rows
 }
 
-fn cell(o: Option<Outcome>) -> &'static str {
+/// A run's outcome of a case, as a table cell.
+pub(crate) fn cell(o: Option<Outcome>) -> &'static str {
     match o {
         Some(Outcome::Pass) => "pass",
         Some(Outcome::Fail) => "FAIL",
