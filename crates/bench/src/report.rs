@@ -526,6 +526,7 @@ pub fn plot_latency(rows: &[latency::Row], path: &Path) -> Result<(), String> {
             .configure_mesh()
             .x_desc("latency per fault, µs")
             .y_desc("percentile")
+            .x_labels(8)
             .x_label_formatter(&|x| format!("{x:.0}"))
             .draw()
             .map_err(err)?;
