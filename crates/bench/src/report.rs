@@ -1,16 +1,39 @@
 //! The benchmark's report: `dmirror-perf` samples and the upstream selftest's
-//! `benchmark_thp_migration` figures, turned into a markdown table, CSV files
-//! and a plot of throughput against buffer size.
+//! `benchmark_thp_migration` figures, turned into markdown tables, CSV files, a plot of
+//! throughput against buffer size and one of the fault latency distributions.
 //!
 //! A sample line, as the guest prints it inside the `perf` suite's KTAP:
-//! `# bench,<driver>,<workload>,<kind>,<bytes>,<rep>,<ns>`.
+//! `# bench,<driver>,<workload>,<kind>,<bytes>,<rep>,<ns>`. The kernel memory and latency
+//! lines are described in their modules.
+
+mod conc;
+mod kmem;
+mod latency;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
 /// The workloads in report order; the first six are plotted against size.
-pub const WORKLOADS: &[&str] = &["to_dev", "to_sys", "fault_seq", "fault_rand", "read", "write", "load", "unload"];
+pub const WORKLOADS: &[&str] = &[
+    "to_dev",
+    "to_sys",
+    "fault_seq",
+    "fault_rand",
+    "read",
+    "write",
+    "load",
+    "unload",
+    "conc_to_dev_1t",
+    "conc_to_dev_2t1f",
+    "conc_to_dev_2t2f",
+    "conc_to_sys_1t",
+    "conc_to_sys_2t1f",
+    "conc_to_sys_2t2f",
+    "conc_fault_1t",
+    "conc_fault_2t1f",
+    "conc_fault_2t2f",
+];
 const KINDS: &[&str] = &["4k", "thp", "-"];
 
 #[derive(Clone, Debug, PartialEq)]
@@ -82,6 +105,42 @@ impl Stats {
     pub fn gbps(&self, bytes: u64) -> f64 {
         bytes as f64 / self.median_ns.max(1.0)
     }
+}
+
+/// Median and spread of values that are not times (bytes per page, latencies).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Val {
+    pub n: usize,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Val {
+    pub fn of_f64(mut v: Vec<f64>) -> Option<Val> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        Some(Val {
+            n,
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+
+    /// (max - min) / |median|.
+    pub fn spread(&self) -> f64 {
+        (self.max - self.min) / self.median.abs().max(1e-9)
+    }
+}
+
+/// A ratio as the tables show it: bold below 1.00.
+fn ratio_cell(r: Option<f64>) -> String {
+    r.map_or("-".into(), |x| if x < 1.0 { format!("**{x:.2}**") } else { format!("{x:.2}") })
 }
 
 /// One row: a workload at one page kind and size, both drivers.
@@ -230,13 +289,7 @@ pub fn markdown(rows: &[Row], ceiling: Option<(u64, Stats)>, up_c: &[Upstream], 
             (Some(s), Some(g), b) if b > 0 => format!("{:.1}%", 100.0 * s.gbps(b) / g),
             _ => "-".into(),
         };
-        let ratio = r.ratio().map_or("-".into(), |x| {
-            if x < 1.0 {
-                format!("**{x:.2}**")
-            } else {
-                format!("{x:.2}")
-            }
-        });
+        let ratio = ratio_cell(r.ratio());
         let _ = writeln!(
             o,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -355,16 +408,31 @@ pub fn plot(rows: &[Row], ceiling: Option<(u64, Stats)>, path: &Path) -> Result<
                 })
                 .collect()
         };
+        let spans = |driver: &str, kind: &str| -> Vec<(f64, f64, f64, f64)> {
+            mine.iter()
+                .filter(|r| r.kind == kind)
+                .filter_map(|r| {
+                    let s = if driver == "c" { r.c } else { r.rust }?;
+                    let gb = |ns: f64| r.bytes as f64 / ns.max(1.0);
+                    Some(((r.bytes >> 20) as f64, gb(s.max_ns as f64), s.gbps(r.bytes), gb(s.min_ns as f64)))
+                })
+                .collect()
+        };
         let ymax = lines
             .iter()
-            .flat_map(|(d, k, _, _)| series(d, k))
-            .map(|p| p.1)
+            .flat_map(|(d, k, _, _)| spans(d, k))
+            .map(|p| p.3)
             .fold(0.0f64, f64::max)
             .max(0.01)
             * 1.15;
         let xmax = mine.iter().map(|r| (r.bytes >> 20) as f64).fold(2.0, f64::max) * 1.3;
+        // The ceiling is drawn where it fits the scale; where it does not, the caption says so.
+        let caption = match ceil {
+            Some(g) if g >= ymax => format!("{w} (memcpy ceiling {g:.2} GB/s: above the scale)"),
+            _ => w.to_string(),
+        };
         let mut chart = ChartBuilder::on(area)
-            .caption(*w, ("sans-serif", 18))
+            .caption(caption, ("sans-serif", 18))
             .margin(8)
             .x_label_area_size(35)
             .y_label_area_size(55)
@@ -385,7 +453,13 @@ pub fn plot(rows: &[Row], ceiling: Option<(u64, Stats)>, path: &Path) -> Result<
                 .label(label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
             chart
-                .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
+                .draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 3, color.filled())))
+                .map_err(err)?;
+            // The samples' range: the slowest to the fastest.
+            chart
+                .draw_series(spans(d, k).into_iter().map(|(x, lo, mid, hi)| {
+                    ErrorBar::new_vertical(x, lo, mid, hi, color.stroke_width(1), 6)
+                }))
                 .map_err(err)?;
         }
         if let Some(g) = ceil.filter(|g| *g < ymax) {
@@ -408,6 +482,74 @@ pub fn plot(rows: &[Row], ceiling: Option<(u64, Stats)>, path: &Path) -> Result<
     Ok(())
 }
 
+/// A latency plot's line: its label, colour and (µs, percentile) points.
+type Curve = (&'static str, plotters::style::RGBColor, Vec<(f64, f64)>);
+
+/// The fault latency distributions: one panel per workload and page kind, the percentile
+/// against the latency (log scale), a line per driver.
+pub fn plot_latency(rows: &[latency::Row], path: &Path) -> Result<(), String> {
+    use plotters::prelude::*;
+    let err = |e: DrawingAreaErrorKind<_>| format!("plot: {e}");
+    let root = BitMapBackend::new(path, (1200, 900)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let (title, body) = root.split_vertically(40);
+    title
+        .titled(
+            "dmirror.ko (Rust) against test_hmm.ko (C): CPU fault latency (migrate_to_ram), one boot (TCG)",
+            ("sans-serif", 20),
+        )
+        .map_err(err)?;
+    // Two panels a line: 4 KiB and THP of each order.
+    for (area, r) in body.split_evenly((rows.len().div_ceil(2), 2)).iter().zip(rows) {
+        let series: Vec<Curve> = [
+            ("C", RGBColor(230, 120, 0), &r.c),
+            ("dmirror", RGBColor(40, 120, 220), &r.rust),
+        ]
+        .into_iter()
+        .filter_map(|(l, c, p)| Some((l, c, p.as_ref()?.cdf().into_iter().map(|(p, us)| (us.max(0.1), p)).collect())))
+        .collect();
+        let (lo, hi) = series
+            .iter()
+            .flat_map(|s| s.2.iter().map(|p| p.0))
+            .fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+        if hi <= 0.0 {
+            continue;
+        }
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("{} {}", r.workload, r.kind), ("sans-serif", 18))
+            .margin(8)
+            .x_label_area_size(35)
+            .y_label_area_size(55)
+            .build_cartesian_2d((lo * 0.8..hi * 1.25).log_scale(), 0f64..100.5)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("latency per fault, µs")
+            .y_desc("percentile")
+            .x_labels(8)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .draw()
+            .map_err(err)?;
+        for (label, color, pts) in series {
+            chart
+                .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+                .map_err(err)?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 12))
+            .draw()
+            .map_err(err)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
 /// Writes `dir/bench/` from a bench run's files; returns the markdown.
 pub fn write(dir: &Path) -> Result<String, String> {
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
@@ -416,12 +558,19 @@ pub fn write(dir: &Path) -> Result<String, String> {
         return Err(format!("{}: no benchmark samples in perf.ktap", dir.display()));
     }
     let (rows, ceiling) = rows(&samples);
-    let md = markdown(
+    let perf = read("perf.ktap");
+    let kmem_rows = kmem::rows(&kmem::parse(&perf));
+    let (turns, pooled) = latency::parse(&perf);
+    let lat_rows = latency::rows(&turns, &pooled);
+    let mut md = markdown(
         &rows,
         ceiling,
         &parse_upstream(&read("hmm-bench-c.ktap")),
         &parse_upstream(&read("hmm-bench-dmirror.ktap")),
     );
+    md.push_str(&conc::markdown(&rows));
+    md.push_str(&latency::markdown(&lat_rows));
+    md.push_str(&kmem::markdown(&kmem_rows));
     let out = dir.join("bench");
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let put = |name: &str, text: &str| std::fs::write(out.join(name), text).map_err(|e| format!("{name}: {e}"));
@@ -432,7 +581,12 @@ pub fn write(dir: &Path) -> Result<String, String> {
         let _ = writeln!(raw, "{},{},{},{},{},{}", s.driver, s.workload, s.kind, s.bytes, s.rep, s.ns);
     }
     put("samples.csv", &raw)?;
+    put("latency.csv", &latency::csv(&lat_rows))?;
+    put("kmem.csv", &kmem::csv(&kmem_rows))?;
     plot(&rows, ceiling, &out.join("throughput.png"))?;
+    if !lat_rows.is_empty() {
+        plot_latency(&lat_rows, &out.join("latency.png"))?;
+    }
     Ok(md)
 }
 

@@ -15,17 +15,27 @@
 //! largest buffer to the device, close and unload (timed: the driver evicts it) and check the
 //! evicted data. A KTAP result per turn says whether every operation did what it should.
 //!
+//! Each recorded turn also measures, per driver: the latency of every CPU fault of its
+//! `fault_seq` and `fault_rand` runs ([`lat`]), the kernel memory a resident and a mirrored
+//! buffer cost at two sizes ([`kmem`]), and MIGRATE_TO_DEV, MIGRATE_TO_SYS and faults by one
+//! and by two threads ([`conc`]).
+//!
 //! `dmirror-perf [--reps N] [--warmup N] [--sizes MIB,...] [--seed N] [--rust KO] [--c KO]
-//! [--profile WORKLOAD:KIND]`
+//! [--profile WORKLOAD:KIND] [--rows NAME,...] [--kmem MIB,MIB] [--conc MIB]`
 //!
 //! `--profile` runs ftrace's function profiler around the timed operations of that workload
 //! and prints the kernel functions that took the most time (inclusive, per driver and size).
 //! Neither module's own functions are traceable (lib/ builds without ftrace hooks, Rust code
 //! has none), so the profile shows the core mm functions each driver's code spends time in.
 
+mod conc;
+mod kmem;
+mod lat;
+
 use dmirror_abi::ktap::Ktap;
 use dmirror_abi::uapi::{MIGRATE_TO_DEV, MIGRATE_TO_SYS, PAGE, PROT_DEV_MASK, READ, WRITE};
 use dmirror_suite::hmm::{Dev, Map, Rng, THP};
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io::Stdout;
 use std::os::fd::AsRawFd;
@@ -80,7 +90,14 @@ struct Opts {
     ko_rust: String,
     ko_c: String,
     profile: Vec<(String, String)>,
+    rows: Vec<String>,
+    kmem: Vec<usize>,
+    conc: usize,
 }
+
+/// The row groups `--rows` selects from: the throughput workloads (`fault_seq` and
+/// `fault_rand` also give the latency rows), kernel memory and concurrency.
+const ROWS: &[&str] = &["to_dev", "to_sys", "fault_seq", "fault_rand", "read", "write", "kmem", "conc"];
 
 fn usage() -> ! {
     eprintln!(
@@ -90,7 +107,11 @@ fn usage() -> ! {
          --warmup N     unrecorded turns per driver first, at the two smallest sizes (default 1)\n\
          --sizes LIST   buffer sizes in MiB, multiples of 2 (default 2,8,32,128,256)\n\
          --seed N       seed of the data and the random fault order (default: the clock)\n\
-         --profile W:K  function profile of workload W (to_dev, ...) at kind K (4k, thp); repeatable"
+         --profile W:K  function profile of workload W (to_dev, ...) at kind K (4k, thp); repeatable\n\
+         --rows LIST    row groups to run, of to_dev,to_sys,fault_seq,fault_rand,read,write,kmem,conc\n\
+         \x20              (default all; fault_seq and fault_rand give the latency rows)\n\
+         --kmem A,B     the two sizes in MiB of the kernel memory rows (default 16,64)\n\
+         --conc MIB     MiB a thread of the concurrency rows (default 8)"
     );
     std::process::exit(2)
 }
@@ -106,6 +127,9 @@ fn parse_args() -> Opts {
         ko_rust: "/lib/modules/dmirror.ko".into(),
         ko_c: "/lib/modules/test_hmm.ko".into(),
         profile: Vec::new(),
+        rows: ROWS.iter().map(|r| r.to_string()).collect(),
+        kmem: vec![16, 64],
+        conc: 8,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -123,6 +147,14 @@ fn parse_args() -> Opts {
                 let (w, k) = v.split_once(':').unwrap_or_else(|| usage());
                 o.profile.push((w.to_string(), k.to_string()));
             }
+            "--rows" => o.rows = value().split(',').map(str::to_string).collect(),
+            "--kmem" => {
+                o.kmem = value()
+                    .split(',')
+                    .map(|s| num(s.to_string()) as usize)
+                    .collect();
+            }
+            "--conc" => o.conc = num(value()) as usize,
             "--sizes" => {
                 o.sizes = value()
                     .split(',')
@@ -132,16 +164,26 @@ fn parse_args() -> Opts {
             _ => usage(),
         }
     }
-    if o.reps == 0 || o.sizes.is_empty() || o.sizes.iter().any(|&s| s == 0 || s % 2 != 0) {
+    o.sizes.sort_unstable();
+    let largest = o.sizes.last().copied().unwrap_or(0);
+    if o.reps == 0
+        || o.sizes.is_empty()
+        || o.sizes.iter().any(|&s| s == 0 || s % 2 != 0)
+        || o.rows.iter().any(|r| !ROWS.contains(&r.as_str()))
+        || o.kmem.len() != 2
+        || o.kmem[0] >= o.kmem[1]
+        || o.kmem[1] > largest
+        || o.conc == 0
+        || 2 * o.conc > largest
+    {
         usage();
     }
-    o.sizes.sort_unstable();
     o
 }
 
 type Res<T = ()> = Result<T, String>;
 
-fn os_err(what: &str) -> String {
+pub(crate) fn os_err(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 
@@ -221,7 +263,7 @@ impl Buffers {
 
 /// Gives `[addr, addr + len)` fresh pages of its kind (THP where advised) and writes a marker
 /// word to each page: `stamp + page index`.
-fn populate(m: &Map, len: usize, stamp: u64) -> Res {
+pub(crate) fn populate(m: &Map, len: usize, stamp: u64) -> Res {
     // Every workload ends with its buffer in system memory.
     // SAFETY: Drops the pages of our own mapping, which are in system memory.
     if unsafe { libc::madvise(m.addr as *mut _, len, libc::MADV_DONTNEED) } != 0 {
@@ -240,7 +282,7 @@ fn mark(addr: usize, len: usize, stamp: u64) {
 
 /// Reads the marker word of each page in `order` (faulting device pages back); returns how
 /// many differ.
-fn touch(addr: usize, order: impl Iterator<Item = usize>, stamp: u64) -> usize {
+pub(crate) fn touch(addr: usize, order: impl Iterator<Item = usize>, stamp: u64) -> usize {
     let mut bad = 0;
     for i in order {
         // SAFETY: `addr + i * PAGE` is a page of one of our read-write mappings.
@@ -250,7 +292,7 @@ fn touch(addr: usize, order: impl Iterator<Item = usize>, stamp: u64) -> usize {
     bad
 }
 
-fn check(addr: usize, len: usize, stamp: u64, what: &str) -> Res {
+pub(crate) fn check(addr: usize, len: usize, stamp: u64, what: &str) -> Res {
     match touch(addr, 0..len / PAGE, stamp) {
         0 => Ok(()),
         n => Err(format!("{what}: {n} of {} pages hold the wrong data", len / PAGE)),
@@ -259,7 +301,7 @@ fn check(addr: usize, len: usize, stamp: u64, what: &str) -> Res {
 
 /// Checks with SNAPSHOT that `npages` pages from `addr` are all in the device's memory
 /// (`device`) or none of them is (the drivers count `cpages` of MIGRATE_TO_SYS differently).
-fn placed(dev: &Dev, addr: usize, npages: usize, device: bool, what: &str) -> Res {
+pub(crate) fn placed(dev: &Dev, addr: usize, npages: usize, device: bool, what: &str) -> Res {
     let snap = dev.snapshot(addr, npages).map_err(|e| format!("{what}: SNAPSHOT: {e}"))?;
     let on = snap.iter().filter(|&&p| p & PROT_DEV_MASK != 0).count();
     let want = if device { npages } else { 0 };
@@ -270,7 +312,7 @@ fn placed(dev: &Dev, addr: usize, npages: usize, device: bool, what: &str) -> Re
 }
 
 /// One timed ioctl; checks `cpages` when `want` is given.
-fn ioctl(dev: &Dev, req: u64, addr: usize, ptr: usize, npages: usize, want: Option<usize>, what: &str) -> Res<u64> {
+pub(crate) fn ioctl(dev: &Dev, req: u64, addr: usize, ptr: usize, npages: usize, want: Option<usize>, what: &str) -> Res<u64> {
     let t = Instant::now();
     let c = dev
         .cmd(req, addr, ptr, npages)
@@ -291,6 +333,11 @@ struct Turn<'a> {
     bufs: &'a Buffers,
     rng: Rng,
     profile: &'a [(String, String)],
+    opts: &'a Opts,
+    /// This turn's fault latencies in ns, by workload and kind.
+    lat: BTreeMap<(&'static str, &'static str), Vec<u32>>,
+    /// Kernel memory before the module was loaded.
+    before_load: Option<kmem::Snap>,
 }
 
 impl Turn<'_> {
@@ -323,6 +370,10 @@ impl Turn<'_> {
         }
     }
 
+    fn on(&self, rows: &str) -> bool {
+        self.opts.rows.iter().any(|r| r == rows)
+    }
+
     fn stamp(&mut self) -> u64 {
         self.rng.next() >> 24
     }
@@ -337,26 +388,15 @@ impl Turn<'_> {
         let at = |w: &str| format!("{driver} {w} {k} {} MiB", len / MIB);
 
         // MIGRATE_TO_DEV, with the readback of the migrated data into the mirror.
-        let s = self.stamp();
-        populate(buf, len, s)?;
-        let p = self.profile_start("to_dev", k);
-        let ns = ioctl(dev, MIGRATE_TO_DEV, buf.addr, mirror, n, Some(n), &at("to_dev"))?;
-        self.profile_end(p, "to_dev", k, len);
-        self.sample("to_dev", k, len, ns);
-        check(mirror, len, s, &at("to_dev readback"))?;
-        placed(dev, buf.addr, n, true, &at("to_dev"))?;
-
-        // MIGRATE_TO_SYS of what is now on the device.
-        let p = self.profile_start("to_sys", k);
-        let ns = ioctl(dev, MIGRATE_TO_SYS, buf.addr, 0, n, None, &at("to_sys"))?;
-        self.profile_end(p, "to_sys", k, len);
-        self.sample("to_sys", k, len, ns);
-        placed(dev, buf.addr, n, false, &at("to_sys"))?;
-        check(buf.addr, len, s, &at("to_sys"))?;
-
+        if self.on("to_dev") || self.on("to_sys") {
+            self.migrations(dev, kind, len)?;
+        }
         // CPU faults bring the pages back (migrate_to_ram), in page order and in random order.
         for random in [false, true] {
             let w = if random { "fault_rand" } else { "fault_seq" };
+            if !self.on(w) {
+                continue;
+            }
             let s = self.stamp();
             populate(buf, len, s)?;
             ioctl(dev, MIGRATE_TO_DEV, buf.addr, mirror, n, Some(n), &at(w))?;
@@ -366,31 +406,83 @@ impl Turn<'_> {
                     order.swap(i, self.rng.below(i as u64 + 1) as usize);
                 }
             }
+            let mut lat = Vec::new();
             let p = self.profile_start(w, k);
             let t = Instant::now();
-            let bad = touch(buf.addr, order.into_iter(), s);
+            let bad = lat::touch_timed(buf.addr, &order, s, kind == Kind::Huge, &mut lat).map_err(|e| format!("{}: {e}", at(w)))?;
             let ns = t.elapsed().as_nanos() as u64;
             self.profile_end(p, w, k, len);
             if bad != 0 {
                 return Err(format!("{}: {bad} of {n} pages came back wrong", at(w)));
             }
             self.sample(w, k, len, ns);
+            if self.rep.is_some() {
+                self.lat.entry((w, k)).or_default().extend_from_slice(&lat);
+            }
         }
 
         // READ and WRITE through the mirror on system memory.
+        if self.on("read") || self.on("write") {
+            self.read_write(dev, kind, len)?;
+        }
+        Ok(())
+    }
+
+    /// MIGRATE_TO_DEV and MIGRATE_TO_SYS of `len` bytes of the buffer of `kind`.
+    fn migrations(&mut self, dev: &Dev, kind: Kind, len: usize) -> Res {
+        let buf = self.bufs.of(kind);
+        let mirror = self.bufs.mirror.addr;
+        let n = len / PAGE;
+        let k = kind.name();
+        let driver = self.driver.name();
+        let at = |w: &str| format!("{driver} {w} {k} {} MiB", len / MIB);
+        let s = self.stamp();
+        populate(buf, len, s)?;
+        let p = self.profile_start("to_dev", k);
+        let ns = ioctl(dev, MIGRATE_TO_DEV, buf.addr, mirror, n, Some(n), &at("to_dev"))?;
+        self.profile_end(p, "to_dev", k, len);
+        if self.on("to_dev") {
+            self.sample("to_dev", k, len, ns);
+        }
+        check(mirror, len, s, &at("to_dev readback"))?;
+        placed(dev, buf.addr, n, true, &at("to_dev"))?;
+
+        // MIGRATE_TO_SYS of what is now on the device.
+        let p = self.profile_start("to_sys", k);
+        let ns = ioctl(dev, MIGRATE_TO_SYS, buf.addr, 0, n, None, &at("to_sys"))?;
+        self.profile_end(p, "to_sys", k, len);
+        if self.on("to_sys") {
+            self.sample("to_sys", k, len, ns);
+        }
+        placed(dev, buf.addr, n, false, &at("to_sys"))?;
+        check(buf.addr, len, s, &at("to_sys"))
+    }
+
+    /// READ and WRITE of `len` bytes of the buffer of `kind` through the mirror.
+    fn read_write(&mut self, dev: &Dev, kind: Kind, len: usize) -> Res {
+        let buf = self.bufs.of(kind);
+        let mirror = self.bufs.mirror.addr;
+        let n = len / PAGE;
+        let k = kind.name();
+        let driver = self.driver.name();
+        let at = |w: &str| format!("{driver} {w} {k} {} MiB", len / MIB);
         let s = self.stamp();
         populate(buf, len, s)?;
         let p = self.profile_start("read", k);
         let ns = ioctl(dev, READ, buf.addr, mirror, n, None, &at("read"))?;
         self.profile_end(p, "read", k, len);
-        self.sample("read", k, len, ns);
+        if self.on("read") {
+            self.sample("read", k, len, ns);
+        }
         check(mirror, len, s, &at("read"))?;
         let s = self.stamp();
         mark(mirror, len, s);
         let p = self.profile_start("write", k);
         let ns = ioctl(dev, WRITE, buf.addr, mirror, n, None, &at("write"))?;
         self.profile_end(p, "write", k, len);
-        self.sample("write", k, len, ns);
+        if self.on("write") {
+            self.sample("write", k, len, ns);
+        }
         check(buf.addr, len, s, &at("write"))?;
         Ok(())
     }
@@ -398,6 +490,9 @@ impl Turn<'_> {
     /// Load, warm-up, the workloads at every size, and the unload with the largest buffer
     /// resident on the device.
     fn run(&mut self, sizes: &[usize], ko: &str) -> Res {
+        if self.rep.is_some() && self.on("kmem") {
+            self.before_load = Some(kmem::Snap::take()?);
+        }
         let ns = load(ko)?;
         self.sample("load", "-", 0, ns);
         // `body` has closed the device when it returns, so the module can go.
@@ -429,6 +524,21 @@ impl Turn<'_> {
             ioctl(&dev, MIGRATE_TO_SYS, buf.addr, 0, n, None, "warm-up to_sys")?;
             placed(&dev, buf.addr, n, false, "warm-up to_sys")?;
         }
+        if let Some(before) = self.before_load.take() {
+            // What loading and a round trip of the largest buffers left: the device memory's
+            // fixed cost with nothing resident.
+            let d = before.to(&kmem::Snap::take()?);
+            self.kmem_sample("pool", largest, &d);
+        }
+        if self.rep.is_some() && self.on("kmem") {
+            for mib in self.opts.kmem.clone() {
+                self.kmem(&dev, mib * MIB)?;
+            }
+        }
+        if self.rep.is_some() && self.on("conc") {
+            let second = Dev::open(DEVICE).map_err(|e| format!("{e:?}"))?;
+            self.concurrency([&dev, &second], self.opts.conc * MIB)?;
+        }
         for kind in [Kind::Small, Kind::Huge] {
             for &len in sizes {
                 for _ in 0..runs(len) {
@@ -445,6 +555,69 @@ impl Turn<'_> {
         Ok((largest, s))
     }
 }
+
+impl Turn<'_> {
+    fn kmem_sample(&self, what: &str, bytes: usize, d: &kmem::Delta) {
+        if let Some(rep) = self.rep {
+            println!(
+                "# kmem,{},{what},4k,{bytes},{rep},{},{},{},{}",
+                self.driver.name(),
+                d.total,
+                d.slab,
+                d.vmalloc,
+                d.page_tables
+            );
+        }
+    }
+
+    /// The kernel memory `len` bytes of 4 KiB pages cost resident on the device (after
+    /// MIGRATE_TO_DEV) and mirrored (after READ of system memory). Device-private memory is
+    /// backed by a system page per page in both drivers, so a resident page must cost at
+    /// least a page.
+    fn kmem(&mut self, dev: &Dev, len: usize) -> Res {
+        let buf = self.bufs.of(Kind::Small);
+        let mirror = self.bufs.mirror.addr;
+        let n = len / PAGE;
+        let driver = self.driver.name();
+        let at = |w: &str| format!("{driver} kmem {w} {} MiB", len / MIB);
+        let s = self.stamp();
+        populate(buf, len, s)?;
+        let before = kmem::Snap::take()?;
+        ioctl(dev, MIGRATE_TO_DEV, buf.addr, mirror, n, Some(n), &at("to_dev"))?;
+        let d = before.to(&kmem::Snap::take()?);
+        check(mirror, len, s, &at("to_dev readback"))?;
+        placed(dev, buf.addr, n, true, &at("to_dev"))?;
+        // The device pages took the anon pages' place in `AnonPages`.
+        if d.anon.unsigned_abs() > len as u64 / 16 {
+            return Err(format!("{}: AnonPages changed by {} bytes, not about 0", at("dev"), d.anon));
+        }
+        let d = d.resident(len);
+        self.kmem_sample("dev", len, &d);
+        // Other activity moves the free count by some tens of KiB either way.
+        if d.total < len as i64 - KMEM_NOISE {
+            return Err(format!(
+                "{}: {} bytes of kernel memory for {len} bytes resident: less than their backing",
+                at("dev"),
+                d.total
+            ));
+        }
+        ioctl(dev, MIGRATE_TO_SYS, buf.addr, 0, n, None, &at("to_sys"))?;
+        placed(dev, buf.addr, n, false, &at("to_sys"))?;
+        check(buf.addr, len, s, &at("to_sys"))?;
+
+        let s = self.stamp();
+        populate(buf, len, s)?;
+        let before = kmem::Snap::take()?;
+        ioctl(dev, READ, buf.addr, mirror, n, None, &at("read"))?;
+        let d = before.to(&kmem::Snap::take()?);
+        self.kmem_sample("read", len, &d);
+        check(mirror, len, s, &at("read"))
+    }
+}
+
+/// How far the kernel memory measured across an operation moves without it, at most (seen:
+/// 60 KiB either way).
+const KMEM_NOISE: i64 = 256 * 1024;
 
 /// Bytes a turn moves at least per workload and size: below it, a size runs several times a
 /// turn (at most [`MAX_RUNS`]), each run a sample. An operation of a few milliseconds is
@@ -504,6 +677,8 @@ fn main() {
             turns.push((d, Some(rep)));
         }
     }
+    // Every recorded fault latency, by driver, workload and kind.
+    let mut pooled: BTreeMap<(&str, &str, &str), Vec<u32>> = BTreeMap::new();
     for (driver, rep) in turns {
         let ko = match driver {
             Driver::C => &o.ko_c,
@@ -515,6 +690,9 @@ fn main() {
             bufs: &bufs,
             rng: Rng::new(rng.next()),
             profile: &o.profile,
+            opts: &o,
+            lat: BTreeMap::new(),
+            before_load: None,
         };
         let (name, sz) = match rep {
             Some(r) => (format!("turn_{r}_{}", driver.name()), &sizes),
@@ -523,7 +701,26 @@ fn main() {
         let t = Instant::now();
         let r = turn.run(sz, ko);
         println!("# {name}: {:.1} s", t.elapsed().as_secs_f64());
+        if let Some(rep) = rep {
+            for ((w, kind), mut v) in std::mem::take(&mut turn.lat) {
+                v.sort_unstable();
+                println!(
+                    "# lat,{},{w},{kind},{rep},{},{},{},{}",
+                    driver.name(),
+                    v.len(),
+                    lat::pct(&v, 50.0),
+                    lat::pct(&v, 99.0),
+                    v.last().copied().unwrap_or(0)
+                );
+                pooled.entry((driver.name(), w, kind)).or_default().extend_from_slice(&v);
+            }
+        }
         result(&mut k, r, &name);
+    }
+    for ((d, w, kind), mut v) in pooled {
+        v.sort_unstable();
+        let q: Vec<String> = lat::quantiles(&v).iter().map(u32::to_string).collect();
+        println!("# latq,{d},{w},{kind},{},{}", v.len(), q.join(";"));
     }
     std::process::exit(i32::from(k.failed() != 0))
 }
