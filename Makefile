@@ -23,6 +23,10 @@ SEED ?=
 BENCH_ARGS := --append dmirror.flavour=$(KERNEL_FLAVOUR) $(if $(INJECT),--append dmirror.inject=$(INJECT)) \
 	$(if $(SEED),--append dmirror.seed=$(SEED))
 BENCH := $(ROOT)/target/release/dmirror-bench
+# The QEMU accelerator of every boot: tcg (the default), kvm, or auto (KVM if a 20 s probe boot
+# under it reaches the kernel; nested KVM can hang, so auto never trusts /dev/kvm alone).
+ACCEL ?= tcg
+BENCH_RUN = $(BENCH) run --accel $(ACCEL)
 comma := ,
 space := $(subst ,, )
 
@@ -177,7 +181,7 @@ series-check: $(KERNEL_DEP)
 	$(ROOT)/scripts/series-check $(SERIES_CHECK)
 
 demo: initramfs tools
-	$(BENCH) run --plan demo --kernel $(KDIR)/arch/x86/boot/bzImage \
+	$(BENCH_RUN) --plan demo --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results
 
 # The compile-fail cases, every suite on the patched kernel (with the compile-fail results
@@ -187,10 +191,10 @@ demo: initramfs tools
 test: host-test initramfs mm-initramfs tools
 	@rc=0; \
 	$(COMPILE_FAIL_RUN) || rc=1; \
-	$(BENCH) run --plan test --kernel $(KDIR)/arch/x86/boot/bzImage \
+	$(BENCH_RUN) --plan test --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS) --host-ktap $(COMPILE_FAIL)/compile-fail.ktap || rc=1; \
-	$(BENCH) run --plan mm --kernel $(KDIR)/arch/x86/boot/bzImage \
+	$(BENCH_RUN) --plan mm --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/mm-initramfs.cpio.gz $(MM_RUN) || rc=1; \
 	$(MAKE) --no-print-directory stock || rc=1; \
 	$(MAKE) --no-print-directory stock-mm || rc=1; \
@@ -210,18 +214,18 @@ stock-initramfs: suite
 
 # The regression cases alone on the stock kernel (their results there show the bugs).
 stock: stock-initramfs tools
-	$(BENCH) run --plan stock --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
+	$(BENCH_RUN) --plan stock --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
 		--initrd $(STOCK_BUILD)/initramfs.cpio.gz --timeout 900 --results $(ROOT)/results \
 		$(if $(SEED),--append dmirror.seed=$(SEED))
 
 # The mm selftests on the patched kernel alone (MM="NAME ..." filters them), on the stock kernel
 # alone, and both then side by side (the table goes into the patched run's results).
 check-mm: mm-initramfs tools
-	$(BENCH) run --plan mm --kernel $(KDIR)/arch/x86/boot/bzImage \
+	$(BENCH_RUN) --plan mm --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/mm-initramfs.cpio.gz $(MM_RUN)
 
 stock-mm: stock-mm-initramfs tools
-	$(BENCH) run --plan mm-stock --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
+	$(BENCH_RUN) --plan mm-stock --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
 		--initrd $(STOCK_BUILD)/mm-initramfs.cpio.gz $(MM_RUN)
 
 mm-selftests: mm-initramfs stock-mm-initramfs tools
@@ -235,14 +239,14 @@ mm-selftests: mm-initramfs stock-mm-initramfs tools
 # PERF_ARGS="--reps 3 --sizes 2,32" for a shorter run (passed with ~ for spaces).
 PERF_ARGS ?=
 bench: initramfs tools
-	$(BENCH) run --plan bench --kernel $(KDIR)/arch/x86/boot/bzImage \
+	$(BENCH_RUN) --plan bench --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS) --append dmirror.suite_timeout=3600 \
 		$(if $(PERF_ARGS),--append dmirror.perf=$(subst $(space),~,$(strip $(PERF_ARGS))))
 
 # For iterating on the driver: its suites only; HMM="-t NAME ..." filters hmm-tests.
 check-dmirror: initramfs tools
-	$(BENCH) run --plan dmirror --kernel $(KDIR)/arch/x86/boot/bzImage \
+	$(BENCH_RUN) --plan dmirror --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS) $(if $(HMM),--append dmirror.hmm=$(subst $(space),$(comma),$(strip $(HMM)))) \
 		$(if $(SUITE_ARGS),--append dmirror.suite=$(subst $(space),$(comma),$(strip $(SUITE_ARGS)))) \
@@ -250,14 +254,14 @@ check-dmirror: initramfs tools
 
 # The own suite alone; SUITE_ARGS="-t NAME" filters it, SEED=N replays a seed.
 check-suite: initramfs tools
-	$(BENCH) run --plan suite --kernel $(KDIR)/arch/x86/boot/bzImage \
+	$(BENCH_RUN) --plan suite --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS) $(if $(SUITE_ARGS),--append dmirror.suite=$(subst $(space),$(comma),$(strip $(SUITE_ARGS))))
 
 # The ioctl fuzzer alone; FUZZ_ARGS="--calls 300000 --threads 4" sets its arguments, SEED=N
 # replays a seed.
 check-fuzz: initramfs tools
-	$(BENCH) run --plan fuzz --kernel $(KDIR)/arch/x86/boot/bzImage \
+	$(BENCH_RUN) --plan fuzz --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS) $(if $(FUZZ_ARGS),--append dmirror.fuzz=$(subst $(space),$(comma),$(strip $(FUZZ_ARGS))))
 
@@ -268,7 +272,7 @@ RUNS ?= 10
 soak-test: initramfs tools
 	@fail=0; for i in $$(seq 1 $(RUNS)); do \
 		log=$(BUILD)/soak-test-$$i.log; \
-		if $(BENCH) run --plan test --kernel $(KDIR)/arch/x86/boot/bzImage \
+		if $(BENCH_RUN) --plan test --kernel $(KDIR)/arch/x86/boot/bzImage \
 			--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) \
 			--results $(ROOT)/results $(BENCH_ARGS) >$$log 2>&1; then \
 			echo "soak-test: run $$i of $(RUNS): PASS, $$(tail -n 1 $$log)"; \
@@ -283,7 +287,7 @@ soak-test: initramfs tools
 # Upstream hmm-tests against the C test_hmm.ko, not gated: the reference's figures
 # (docs/testing.md, "The C reference"). Not part of `make test`.
 reference: initramfs tools
-	$(BENCH) run --plan reference --kernel $(KDIR)/arch/x86/boot/bzImage \
+	$(BENCH_RUN) --plan reference --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS)
 
@@ -291,7 +295,7 @@ reference: initramfs tools
 # KERNEL_FLAVOUR=debug, whose `make test` runs it too.
 CYCLES ?=
 soak: initramfs tools
-	$(BENCH) run --plan soak --kernel $(KDIR)/arch/x86/boot/bzImage \
+	$(BENCH_RUN) --plan soak --kernel $(KDIR)/arch/x86/boot/bzImage \
 		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
 		$(BENCH_ARGS) $(if $(CYCLES),--append dmirror.cycles=$(CYCLES))
 

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S]
-//!                   [--results DIR] [--kvm] [--smp N] [--numa N] [--append ARG]... [--host-ktap FILE]...
+//!                   [--results DIR] [--accel tcg|kvm|auto] [--smp N] [--numa N] [--append ARG]... [--host-ktap FILE]...
 //! dmirror-bench judge RESULTS_DIR
 //! dmirror-bench report RESULTS_DIR
 //! dmirror-bench regress PATCHED_DIR STOCK_DIR
@@ -41,6 +41,7 @@
 //! validates the file with `kcidb-io` when `scripts/setup` has installed it (SKIP otherwise), and
 //! exits 0 when the file is written and not found invalid.
 
+use dmirror_bench::accel;
 use dmirror_bench::compile_fail;
 use dmirror_bench::kcidb;
 use dmirror_bench::mm;
@@ -73,7 +74,7 @@ struct RunArgs {
     initrd: PathBuf,
     timeout: u64,
     results: PathBuf,
-    kvm: bool,
+    accel: accel::Choice,
     append: Vec<String>,
     host_ktap: Vec<PathBuf>,
     smp: u32,
@@ -86,7 +87,7 @@ const HOST_SUITES: &str = "host-suites";
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--kvm] [--smp N] [--numa N] [--append ARG]... [--host-ktap FILE]...\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR\n       dmirror-bench mm PATCHED_DIR STOCK_DIR --known FILE\n       dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]\n       dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S] [--make MAKE] [-- MAKE_ARG...]"
+        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--accel tcg|kvm|auto] [--smp N] [--numa N] [--append ARG]... [--host-ktap FILE]...\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR\n       dmirror-bench mm PATCHED_DIR STOCK_DIR --known FILE\n       dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]\n       dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S] [--make MAKE] [-- MAKE_ARG...]"
     );
     ExitCode::from(2)
 }
@@ -97,7 +98,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
     let mut initrd = None;
     let mut timeout = 2400;
     let mut results = PathBuf::from("results");
-    let mut kvm = false;
+    let mut accel = accel::Choice::Tcg;
     let mut append = Vec::new();
     let mut host_ktap = Vec::new();
     let mut smp = GUEST_CPUS;
@@ -113,7 +114,9 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
             "--results" => results = PathBuf::from(value()?),
             "--append" => append.push(value()?),
             "--host-ktap" => host_ktap.push(PathBuf::from(value()?)),
-            "--kvm" => kvm = true,
+            "--accel" => accel = accel::Choice::parse(&value()?)?,
+            // The older spelling of `--accel kvm`.
+            "--kvm" => accel = accel::Choice::Kvm,
             "--smp" => smp = value()?.parse().map_err(|e| format!("--smp: {e}"))?,
             "--numa" => numa = value()?.parse().map_err(|e| format!("--numa: {e}"))?,
             _ => return Err(format!("unknown argument {a}")),
@@ -125,13 +128,18 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
         initrd: initrd.ok_or("--initrd is required")?,
         timeout,
         results,
-        kvm,
+        accel,
         append,
         host_ktap,
         smp,
         numa,
     })
     .and_then(|r| {
+        for (what, f) in [("--kernel", &r.kernel), ("--initrd", &r.initrd)] {
+            if !f.is_file() {
+                return Err(format!("{what} {}: no such file", f.display()));
+            }
+        }
         if r.smp == 0 || r.numa > r.smp || !GUEST_MEM_MIB.is_multiple_of(u64::from(r.numa.max(1))) {
             Err(format!("--smp {} --numa {}: want 1 <= nodes <= CPUs, memory divisible", r.smp, r.numa))
         } else {
@@ -322,7 +330,9 @@ fn run(args: RunArgs) -> Result<bool, String> {
         "null_blk.completion_nsec=200000000".into(),
     ];
     cmdline.extend(args.append.iter().cloned());
-    let (accel, cpu) = if args.kvm { ("kvm", "host") } else { ("tcg,thread=multi", "max") };
+    let accel_used = accel::resolve(args.accel, QEMU, &args.kernel, &dir);
+    let (accel, cpu) = accel_used.qemu_args();
+    println!("bench: accelerator {accel}");
     let mut cmd = Command::new(QEMU);
     cmd.args(["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"])
         .args(["-accel", accel, "-cpu", cpu])
@@ -395,6 +405,7 @@ fn run(args: RunArgs) -> Result<bool, String> {
     };
     write_record(&dir, &record, build_dir.as_deref())?;
     let summary = judge_dir(&dir)?;
+    println!("bench: the guest ran under {}", if accel == "kvm" { "KVM" } else { "TCG" });
     let reported = if args.plan == "bench" { report_dir(&dir) } else { Ok(()) };
     // `latest`, and `latest-<plan>` for the runs `make test` pairs up.
     for link in ["latest".to_string(), format!("latest-{}", args.plan)] {
