@@ -61,7 +61,11 @@ MM ?=
 MM_KNOWN := $(ROOT)/qemu/mm-selftests.known
 # proc_mem.force_override=always: mkdirty writes through /proc/self/mem (the bench kernel's
 # default allows that only under ptrace).
-MM_RUN = --smp 3 --numa 2 --timeout 1800 --results $(ROOT)/results --append dmirror.suite_timeout=1500 \
+# RERUN=1: boot the mm selftests and the stock kernel even when an earlier run of theirs had the
+# same kernel image, initramfs and command line (dmirror-bench run --reuse).
+RERUN ?=
+REUSE = $(if $(RERUN),,--reuse)
+MM_RUN = $(REUSE) --smp 3 --numa 2 --timeout 1800 --results $(ROOT)/results --append dmirror.suite_timeout=1500 \
 	--append proc_mem.force_override=always \
 	$(if $(MM),--append dmirror.mm=$(subst $(space),$(comma),$(strip $(MM))))
 MM_COMPARE = $(BENCH) mm $(ROOT)/results/latest-mm $(ROOT)/results/latest-mm-stock --known $(MM_KNOWN)
@@ -215,7 +219,7 @@ stock-initramfs: suite
 # The regression cases alone on the stock kernel (their results there show the bugs).
 stock: stock-initramfs tools
 	$(BENCH_RUN) --plan stock --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
-		--initrd $(STOCK_BUILD)/initramfs.cpio.gz --timeout 900 --results $(ROOT)/results \
+		--initrd $(STOCK_BUILD)/initramfs.cpio.gz --timeout 900 --results $(ROOT)/results $(REUSE) \
 		$(if $(SEED),--append dmirror.seed=$(SEED))
 
 # The mm selftests on the patched kernel alone (MM="NAME ..." filters them), on the stock kernel

@@ -9,5 +9,6 @@ pub mod ktap;
 pub mod mm;
 pub mod regress;
 pub mod report;
+pub mod reuse;
 pub mod stream;
 pub mod verdict;

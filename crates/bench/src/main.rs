@@ -3,6 +3,7 @@
 //! ```text
 //! dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S]
 //!                   [--results DIR] [--accel tcg|kvm|auto] [--smp N] [--numa N] [--append ARG]... [--host-ktap FILE]...
+//!                   [--reuse]
 //! dmirror-bench judge RESULTS_DIR
 //! dmirror-bench report RESULTS_DIR
 //! dmirror-bench regress PATCHED_DIR STOCK_DIR
@@ -26,6 +27,10 @@
 //! line, and exits 0 only when nothing regressed, every failure on both kernels has a reason in
 //! FILE, the patched suite caused no kernel report and both runs finished.
 //!
+//! `run --reuse` boots only when no earlier run of the plan in DIR had the same kernel image,
+//! initramfs (by content), command line and machine and finished its plan; otherwise it
+//! re-judges that run and points the `latest` links at it (`reuse`).
+//!
 //! `run --smp N` gives the guest N CPUs (default 2); `--numa N` splits its memory and CPUs into N
 //! NUMA nodes (default: none).
 //!
@@ -47,6 +52,7 @@ use dmirror_bench::kcidb;
 use dmirror_bench::mm;
 use dmirror_bench::regress::{self, Verdict};
 use dmirror_bench::report;
+use dmirror_bench::reuse;
 use dmirror_bench::stream;
 use dmirror_bench::verdict::{self, Summary};
 use std::fs;
@@ -79,6 +85,7 @@ struct RunArgs {
     host_ktap: Vec<PathBuf>,
     smp: u32,
     numa: u32,
+    reuse: bool,
 }
 
 /// The file in a results directory that names the suites run on the host, one a line; each
@@ -87,7 +94,7 @@ const HOST_SUITES: &str = "host-suites";
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--accel tcg|kvm|auto] [--smp N] [--numa N] [--append ARG]... [--host-ktap FILE]...\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR\n       dmirror-bench mm PATCHED_DIR STOCK_DIR --known FILE\n       dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]\n       dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S] [--make MAKE] [-- MAKE_ARG...]"
+        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--accel tcg|kvm|auto] [--smp N] [--numa N] [--append ARG]... [--host-ktap FILE]... [--reuse]\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR\n       dmirror-bench mm PATCHED_DIR STOCK_DIR --known FILE\n       dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]\n       dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S] [--make MAKE] [-- MAKE_ARG...]"
     );
     ExitCode::from(2)
 }
@@ -103,6 +110,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
     let mut host_ktap = Vec::new();
     let mut smp = GUEST_CPUS;
     let mut numa = 0;
+    let mut reuse = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = || it.next().cloned().ok_or(format!("{a} needs a value"));
@@ -119,6 +127,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
             "--kvm" => accel = accel::Choice::Kvm,
             "--smp" => smp = value()?.parse().map_err(|e| format!("--smp: {e}"))?,
             "--numa" => numa = value()?.parse().map_err(|e| format!("--numa: {e}"))?,
+            "--reuse" => reuse = true,
             _ => return Err(format!("unknown argument {a}")),
         }
     }
@@ -133,6 +142,7 @@ fn parse_run(args: &[String]) -> Result<RunArgs, String> {
         host_ktap,
         smp,
         numa,
+        reuse,
     })
     .and_then(|r| {
         for (what, f) in [("--kernel", &r.kernel), ("--initrd", &r.initrd)] {
@@ -309,11 +319,6 @@ fn follow(path: &Path, pos: &mut u64, partial: &mut String, start: Instant) {
 }
 
 fn run(args: RunArgs) -> Result<bool, String> {
-    let dir = args.results.join(format!("{}-{}", timestamp(), args.plan));
-    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    add_host_ktap(&dir, &args.host_ktap)?;
-    let console = dir.join("console.log");
-    let stream_log = dir.join("stream.log");
     let mut cmdline = vec![
         "console=ttyS0".to_string(),
         "loglevel=4".into(),
@@ -330,6 +335,36 @@ fn run(args: RunArgs) -> Result<bool, String> {
         "null_blk.completion_nsec=200000000".into(),
     ];
     cmdline.extend(args.append.iter().cloned());
+    // What decides the boot's outcome, for `--reuse`: everything but the timeout.
+    let key = reuse::key(
+        &[
+            cmdline.join(" "),
+            format!("smp {} numa {} memory {GUEST_MEM} accel {:?}", args.smp, args.numa, args.accel),
+            qemu_version().unwrap_or_default(),
+            args.host_ktap.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(" "),
+        ],
+        &[&args.kernel, &args.initrd],
+    )?;
+    if args.reuse && args.host_ktap.is_empty() {
+        let finished = |d: &Path| load(d).is_ok_and(|(_, s)| s.done);
+        if let Some(prev) = reuse::find(&args.results, &args.plan, &key, finished) {
+            println!(
+                "bench: plan {}: reusing {}: same kernel image, initramfs, command line and machine \
+                 (RERUN=1 boots again)",
+                args.plan,
+                prev.display()
+            );
+            let summary = judge_dir(&prev)?;
+            link_latest(&args.results, &args.plan, &prev)?;
+            return Ok(summary.ok);
+        }
+    }
+    let dir = args.results.join(format!("{}-{}", timestamp(), args.plan));
+    fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    fs::write(dir.join(reuse::KEY_FILE), format!("{key}\n")).map_err(|e| format!("{}: {e}", reuse::KEY_FILE))?;
+    add_host_ktap(&dir, &args.host_ktap)?;
+    let console = dir.join("console.log");
+    let stream_log = dir.join("stream.log");
     let accel_used = accel::resolve(args.accel, QEMU, &args.kernel, &dir);
     let (accel, cpu) = accel_used.qemu_args();
     println!("bench: accelerator {accel}");
@@ -407,16 +442,21 @@ fn run(args: RunArgs) -> Result<bool, String> {
     let summary = judge_dir(&dir)?;
     println!("bench: the guest ran under {}", if accel == "kvm" { "KVM" } else { "TCG" });
     let reported = if args.plan == "bench" { report_dir(&dir) } else { Ok(()) };
-    // `latest`, and `latest-<plan>` for the runs `make test` pairs up.
-    for link in ["latest".to_string(), format!("latest-{}", args.plan)] {
-        let latest = args.results.join(link);
+    link_latest(&args.results, &args.plan, &dir)?;
+    reported?;
+    Ok(summary.ok)
+}
+
+/// Points `latest`, and `latest-<plan>` for the runs `make test` pairs up, at a run's directory.
+fn link_latest(results: &Path, plan: &str, dir: &Path) -> Result<(), String> {
+    for link in ["latest".to_string(), format!("latest-{plan}")] {
+        let latest = results.join(link);
         let _ = fs::remove_file(&latest);
         if let Some(name) = dir.file_name() {
             std::os::unix::fs::symlink(name, &latest).map_err(|e| format!("{}: {e}", latest.display()))?;
         }
     }
-    reported?;
-    Ok(summary.ok)
+    Ok(())
 }
 
 /// The emulator's version line, if it says one.

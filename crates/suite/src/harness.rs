@@ -187,7 +187,7 @@ fn usage() -> ! {
          --regress   run the regression cases of the kernel fixes instead\n\
          -t NAME     run only cases whose name contains NAME (repeatable)\n\
          --seed N    seed of the random patterns (default: from the clock; printed)\n\
-         --cycles N  load, use, unload cycles of load_unload (default 50)\n\
+         --cycles N  load, use, unload cycles of load_unload (default 20)\n\
          --module KO dmirror.ko to load (default /lib/modules/dmirror.ko)\n\
          --arg ARG   a module argument of the standard load (repeatable)"
     );
@@ -207,7 +207,7 @@ pub fn main(cases: &[Case], regress: &[Case]) -> i32 {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1),
-        cycles: 50,
+        cycles: 20,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {

@@ -14,7 +14,7 @@ pub const CASES: &[Case] = &[Case {
     run: load_unload,
 }];
 
-/// Cycles of load, use every device, unload (50, or `--cycles N`): each load starts with
+/// Cycles of load, use every device, unload (20, or `--cycles N`): each load starts with
 /// empty counters, the pages come back with their data on the last close, which leaves the
 /// counters at zero again, and the unload leaves nothing behind.
 fn load_unload(ctx: &Ctx) -> R {
