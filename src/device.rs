@@ -41,10 +41,6 @@ use kernel::{
     time::{Delta, Instant, Monotonic},
 };
 
-/// Pages a CPU fault on a page table entry migrates back at most: the naturally aligned
-/// window around the faulting page (64 KiB), this device's pages in it.
-const FAULT_AROUND_PAGES: usize = 16;
-
 /// How long an eviction that can give up (RELEASE, the last close) waits for device pages
 /// that others hold.
 const EVICT_TIMEOUT: Delta = Delta::from_secs(2);
@@ -229,6 +225,10 @@ pub(crate) struct Chunk {
     owner: Arc<PagemapOwner<Chunk>>,
     /// Large device folios the core split into pages.
     splits: AtomicUsize,
+    /// Pages a CPU fault on a page table entry migrates back at most: the naturally aligned
+    /// window of this many pages around the faulting one (the `fault_around` module parameter,
+    /// a power of two), this device's pages in it.
+    fault_around: usize,
 }
 
 impl Chunk {
@@ -236,6 +236,7 @@ impl Chunk {
     fn new(device: &Device, slot: usize) -> Result<impl PinInit<Self, Error>> {
         let owner = device.owner.clone();
         let coherent = device.is_coherent();
+        let fault_around = device.fault_around;
         let backing = match device.tables.get(slot) {
             Some(table) => {
                 let npages = device.chunk_size / PAGE_SIZE;
@@ -259,6 +260,7 @@ impl Chunk {
             coherent,
             owner,
             splits: AtomicUsize::new(0),
+            fault_around,
         }))
     }
 
@@ -527,7 +529,7 @@ impl DevicePagemapOps for Chunk {
                 SelectFlag::DevicePrivate | SelectFlag::Compound,
             )
         } else {
-            let size = FAULT_AROUND_PAGES * PAGE_SIZE;
+            let size = self.fault_around * PAGE_SIZE;
             let start = fault.address() & !(size - 1);
             let vma = fault.vma();
             (
@@ -659,6 +661,9 @@ pub(crate) struct Device {
     #[pin]
     released: CondVar,
     max_chunks: usize,
+    /// The fault window of its chunks, in pages (see [`Chunk`]); 1 for coherent memory, which
+    /// the CPU reaches without faults.
+    fault_around: usize,
     /// Open files; the last close evicts the device memory.
     opens: AtomicUsize,
     /// Evictions of the device memory that found chunks to evict.
@@ -670,10 +675,14 @@ pub(crate) struct Device {
 }
 
 impl Device {
-    /// Creates device-private device `id` with room for `max_chunks` chunks; no memory is
-    /// registered yet.
-    pub(crate) fn new(id: usize, max_chunks: usize) -> Result<Arc<Self>> {
-        Self::build(id, None, CHUNK_SIZE, max_chunks)
+    /// Creates device-private device `id` with room for `max_chunks` chunks, whose CPU faults
+    /// migrate back windows of `fault_around` pages (a power of two); no memory is registered
+    /// yet.
+    pub(crate) fn new(id: usize, max_chunks: usize, fault_around: usize) -> Result<Arc<Self>> {
+        if !fault_around.is_power_of_two() {
+            return Err(EINVAL);
+        }
+        Self::build(id, None, CHUNK_SIZE, max_chunks, fault_around)
     }
 
     /// Creates device-coherent device `id` on `range`; its chunks are carved out of it in
@@ -681,7 +690,7 @@ impl Device {
     pub(crate) fn new_coherent(id: usize, range: ReservedRam) -> Result<Arc<Self>> {
         let size = usize::try_from(range.size()).map_err(|_| EINVAL)?;
         let chunk_size = size.min(CHUNK_SIZE);
-        Self::build(id, Some(range), chunk_size, size / chunk_size)
+        Self::build(id, Some(range), chunk_size, size / chunk_size, 1)
     }
 
     fn build(
@@ -689,6 +698,7 @@ impl Device {
         coherent: Option<ReservedRam>,
         chunk_size: usize,
         max_chunks: usize,
+        fault_around: usize,
     ) -> Result<Arc<Self>> {
         let owner = PagemapOwner::new()?;
         let mut tables = KVec::new();
@@ -714,6 +724,7 @@ impl Device {
                 ),
                 released <- new_condvar!("dmirror::Device::released"),
                 max_chunks,
+                fault_around,
                 opens: AtomicUsize::new(0),
                 evictions: AtomicUsize::new(0),
                 refused: AtomicUsize::new(0),
@@ -800,6 +811,7 @@ impl Device {
         writeln!(f, "kind {kind}")?;
         writeln!(f, "chunks {}", chunks.len())?;
         writeln!(f, "max_chunks {}", self.max_chunks)?;
+        writeln!(f, "fault_around {}", self.fault_around)?;
         writeln!(f, "chunk_pages {}", self.chunk_size / PAGE_SIZE)?;
         writeln!(f, "pages {}", t.pages)?;
         writeln!(f, "free {}", t.free)?;

@@ -57,6 +57,10 @@ module! {
             default: 8,
             description: "Device-private memory cap per device, in 256 MiB chunks (1..64)",
         },
+        fault_around: u32 {
+            default: 16,
+            description: "Pages a CPU fault on a small device-private page migrates back together: the naturally aligned window around it, a power of two 1..512",
+        },
         coherent0_base: u64 {
             default: 0,
             description: "Physical base of RAM set aside for /dev/hmm_dmirror2 (coherent) with memmap=SIZE$START, which nothing else may use",
@@ -126,6 +130,11 @@ impl kernel::Module for Dmirror {
             pr_err!("max_chunks={} out of range 1..64\n", max_chunks);
             return Err(EINVAL);
         }
+        let fault_around = module_parameters::fault_around.value();
+        if !fault_around.is_power_of_two() || fault_around > 512 {
+            pr_err!("fault_around={} is not a power of two in 1..512\n", fault_around);
+            return Err(EINVAL);
+        }
         let ranges = [
             coherent_range(
                 0,
@@ -155,7 +164,7 @@ impl kernel::Module for Dmirror {
         ];
         for (id, name) in names.into_iter().enumerate() {
             let device = match id {
-                0 | 1 => device::Device::new(id, max_chunks as usize)?,
+                0 | 1 => device::Device::new(id, max_chunks as usize, fault_around as usize)?,
                 _ => match ranges[id - 2] {
                     Some(range) => device::Device::new_coherent(id, range)?,
                     None => continue,

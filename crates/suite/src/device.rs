@@ -34,6 +34,7 @@ pub const CASES: &[Case] = &[
     case("to_dev_races_dontneed", 120, to_dev_races_dontneed),
     case("exclusive_races_dontneed", 60, exclusive_races_dontneed),
     case("concurrent_migrate_fault_fork", 180, concurrent),
+    case("cpu_fault_window", 120, cpu_fault_window),
     case("capacity_enomem", 300, capacity_enomem),
     case("fail_alloc_every_path", 120, fail_alloc_every_path),
     case("fail_alloc_mid_window", 180, fail_alloc_mid_window),
@@ -767,6 +768,64 @@ fn concurrent(ctx: &Ctx) -> R {
     settled(ctx.variant(), s.get("allocated"))?;
     drop(map);
     settled(ctx.variant(), 0).map(|_| ())
+}
+
+/// A CPU read of one device page brings back the naturally aligned window of `fault_around`
+/// pages around it (clipped to the mapping), and no page outside it: with the default window,
+/// then reloaded with `fault_around=1` and `fault_around=4`. The CPU reaches coherent device
+/// memory without faults: there, the read moves nothing.
+fn cpu_fault_window(ctx: &Ctx) -> R {
+    const PAGES: usize = 96;
+    let check = |window: usize| -> R {
+        let dev = Dev::open(&ctx.path())?;
+        let map = Map::anon(PAGES * PAGE)?;
+        let seed = seed(ctx, "fault-window") ^ window as u64;
+        fill(map.bytes(), seed);
+        to_dev_all(&dev, &map)?;
+        let touched = 37;
+        // SAFETY: The address is inside the mapping, which lives until the end of the scope.
+        let _ = unsafe { std::ptr::read_volatile(map.page(touched) as *const u8) };
+        let size = window * PAGE;
+        let back: Vec<usize> = (0..PAGES)
+            .filter(|&i| map.page(i) & !(size - 1) == map.page(touched) & !(size - 1))
+            .collect();
+        let snap = dev.snapshot(map.addr, PAGES)?;
+        let on_device = |i: usize| snap[i] & uapi::PROT_DEV_MASK == local_prot(coherent(ctx));
+        for (i, _) in snap.iter().enumerate() {
+            let want = coherent(ctx) || !back.contains(&i);
+            ensure!(
+                on_device(i) == want,
+                "window {window}: page {i} {} the device after a read of page {touched} \
+                 (snapshot {:#x}); expected back: pages {:?}",
+                if want { "left" } else { "is still on" },
+                snap[i],
+                back
+            );
+        }
+        let resident = if coherent(ctx) { PAGES } else { PAGES - back.len() };
+        settled(ctx.variant(), resident as u64)?;
+        verify(map.bytes(), seed, "pages after the fault")?;
+        drop(dev);
+        drop(map);
+        settled(ctx.variant(), 0).map(|_| ())
+    };
+    let default = stats(ctx.variant())?.get("fault_around") as usize;
+    ensure!(default.is_power_of_two(), "fault_around {default} of a loaded device");
+    check(default)?;
+    if coherent(ctx) {
+        return Ok(());
+    }
+    let result = [1, 4].into_iter().try_for_each(|window| {
+        inspect::unload()?;
+        let mut args = ctx.config.args.clone();
+        args.push(format!("fault_around={window}"));
+        inspect::load(&ctx.config.module, &args)?;
+        ensure_eq!(stats(ctx.variant())?.get("fault_around"), window as u64, "fault_around after the reload");
+        check(window)
+    });
+    inspect::unload()?;
+    inspect::load(&ctx.config.module, &ctx.config.args)?;
+    result
 }
 
 /// The device's capacity in pages with the suite's module arguments; for the private device
