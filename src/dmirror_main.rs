@@ -58,7 +58,7 @@ module! {
             description: "Device-private memory cap per device, in 256 MiB chunks (1..64)",
         },
         fault_around: u32 {
-            default: 16,
+            default: 1,
             description: "Pages a CPU fault on a small device-private page migrates back together: the naturally aligned window around it, a power of two 1..512",
         },
         coherent0_base: u64 {

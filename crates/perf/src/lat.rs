@@ -1,8 +1,8 @@
 //! CPU fault latencies: each fault of a `fault_seq` or `fault_rand` run timed on its own.
 //!
 //! A 4 KiB run reads the clock once a page and counts a page whose read took longer than
-//! [`FAULT_NS`] as a fault (dmirror brings a 16-page window back per fault, so most reads after
-//! one of its faults are plain memory reads); a THP run times the first read of each huge page,
+//! [`FAULT_NS`] as a fault (dmirror loaded with `fault_around` above 1 brings a window of pages
+//! back per fault, and the reads after such a fault are plain memory reads); a THP run times the first read of each huge page,
 //! the one that faults it back. Either way the run checks its count of faults against the
 //! thread's fault counter (`getrusage`), so a misjudged read or a driver that splits the THP
 //! fails the run instead of skewing the rows.

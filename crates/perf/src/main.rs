@@ -88,6 +88,8 @@ struct Opts {
     sizes: Vec<usize>,
     seed: u64,
     ko_rust: String,
+    /// Module parameters of `dmirror.ko` (`--rust-args`), space-separated.
+    rust_args: String,
     ko_c: String,
     profile: Vec<(String, String)>,
     rows: Vec<String>,
@@ -107,6 +109,7 @@ fn usage() -> ! {
          --warmup N     unrecorded turns per driver first, at the two smallest sizes (default 1)\n\
          --sizes LIST   buffer sizes in MiB, multiples of 2 (default 2,8,32,128,256)\n\
          --seed N       seed of the data and the random fault order (default: the clock)\n\
+         --rust-args P  dmirror.ko's module parameters, comma-separated (fault_around=1,...)\n\
          --profile W:K  function profile of workload W (to_dev, ...) at kind K (4k, thp); repeatable\n\
          --rows LIST    row groups to run, of to_dev,to_sys,fault_seq,fault_rand,read,write,kmem,conc\n\
          \x20              (default all; fault_seq and fault_rand give the latency rows)\n\
@@ -125,6 +128,7 @@ fn parse_args() -> Opts {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64),
         ko_rust: "/lib/modules/dmirror.ko".into(),
+        rust_args: String::new(),
         ko_c: "/lib/modules/test_hmm.ko".into(),
         profile: Vec::new(),
         rows: ROWS.iter().map(|r| r.to_string()).collect(),
@@ -141,6 +145,7 @@ fn parse_args() -> Opts {
             "--warmup" => o.warmup = num(value()) as usize,
             "--seed" => o.seed = num(value()),
             "--rust" => o.ko_rust = value(),
+            "--rust-args" => o.rust_args = value().replace(',', " "),
             "--c" => o.ko_c = value(),
             "--profile" => {
                 let v = value();
@@ -187,10 +192,11 @@ pub(crate) fn os_err(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 
-/// Loads a module with `finit_module` and returns how long the call took.
-fn load(path: &str) -> Res<u64> {
+/// Loads a module with `finit_module` and its parameters `params` (space-separated), and
+/// returns how long the call took.
+fn load(path: &str, params: &str) -> Res<u64> {
     let f = std::fs::File::open(path).map_err(|e| format!("{path}: {e}"))?;
-    let params = CString::default();
+    let params = CString::new(params).map_err(|e| format!("{path} parameters: {e}"))?;
     let t = Instant::now();
     // Both outlive the call.
     // SAFETY: `f` is an open module file and `params` a NUL-terminated string.
@@ -493,7 +499,11 @@ impl Turn<'_> {
         if self.rep.is_some() && self.on("kmem") {
             self.before_load = Some(kmem::Snap::take()?);
         }
-        let ns = load(ko)?;
+        let params = match self.driver {
+            Driver::C => "",
+            Driver::Rust => self.opts.rust_args.as_str(),
+        };
+        let ns = load(ko, params)?;
         self.sample("load", "-", 0, ns);
         // `body` has closed the device when it returns, so the module can go.
         let body = self.body(sizes);

@@ -772,7 +772,7 @@ fn concurrent(ctx: &Ctx) -> R {
 
 /// A CPU read of one device page brings back the naturally aligned window of `fault_around`
 /// pages around it (clipped to the mapping), and no page outside it: with the default window,
-/// then reloaded with `fault_around=1` and `fault_around=4`. The CPU reaches coherent device
+/// then reloaded with `fault_around=4` and `fault_around=16`. The CPU reaches coherent device
 /// memory without faults: there, the read moves nothing.
 fn cpu_fault_window(ctx: &Ctx) -> R {
     const PAGES: usize = 96;
@@ -815,7 +815,7 @@ fn cpu_fault_window(ctx: &Ctx) -> R {
     if coherent(ctx) {
         return Ok(());
     }
-    let result = [1, 4].into_iter().try_for_each(|window| {
+    let result = [4, 16].into_iter().try_for_each(|window| {
         inspect::unload()?;
         let mut args = ctx.config.args.clone();
         args.push(format!("fault_around={window}"));

@@ -168,8 +168,8 @@ pub fn markdown(rows: &[Row]) -> String {
         "\n## CPU fault latency\n\n\
          Every CPU fault (`migrate_to_ram`) of the recorded `fault_seq` and `fault_rand` runs, \
          timed on its own, pooled over the turns, in µs (± half the spread of the turns' own \
-         figures); `faults` counts them (dmirror brings a 16-page window back per 4 KiB fault, so \
-         it takes fewer). Ratio = C / dmirror (above 1.00: dmirror's faults are faster).\n\n\
+         figures); `faults` counts them (dmirror's `fault_around` window, one page by default like \
+         C's, would make it take fewer). Ratio = C / dmirror (above 1.00: dmirror's faults are faster).\n\n\
          Ratios below 1.00: {below} of {}.\n",
         3 * rows.len()
     );
