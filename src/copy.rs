@@ -241,7 +241,7 @@ impl DmirrorFile {
             }
             let Some((mut guard, offset)) = mirror
                 .get(base + i)
-                .filter(|e| e.write && !e.atomic)
+                .filter(|e| e.access().write && !e.access().atomic)
                 .and_then(|entry| entry.find_writable(&self.device, &mut tables, &mirror))
             else {
                 return i;

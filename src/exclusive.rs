@@ -4,7 +4,7 @@
 
 use crate::{
     file::DmirrorFile,
-    mirror::{Data, Entry, Room, FAULT_TIMEOUT_MS},
+    mirror::{Access, Entry, Room, FAULT_TIMEOUT_MS},
     uapi::Cmd,
 };
 use kernel::{
@@ -66,11 +66,12 @@ impl DmirrorFile {
                 prepared = true;
                 continue;
             };
-            let entry = Entry {
-                data: Data::Folio(exclusive.folio().clone(), exclusive.offset()),
+            let access = Access {
                 write: true,
                 atomic: true,
             };
+            let entry = Entry::folio(exclusive.folio().clone(), exclusive.offset(), access)
+                .ok_or(EINVAL)?;
             mirror.insert(page, entry, &mut room)?;
             drop(mirror);
             drop(exclusive);
@@ -83,7 +84,7 @@ impl DmirrorFile {
         let first = cmd.addr as usize / PAGE_SIZE;
         let end = first + cmd.npages as usize;
         // The leaves that exist in the range, not every page of it: `npages` may be huge.
-        if self.mirror.lock().any(first, end, |e| e.atomic) {
+        if self.mirror.lock().any(first, end, |e| e.access().atomic) {
             return Err(EPERM);
         }
         Ok(())

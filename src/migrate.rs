@@ -9,7 +9,7 @@
 use crate::{
     device::{to_system, Chunk, Storage, TableLock},
     file::DmirrorFile,
-    mirror::{check_signal, Data, Entry, IoctlMigration, Room, FAULT_TIMEOUT_MS},
+    mirror::{check_signal, Access, Entry, IoctlMigration, Room, FAULT_TIMEOUT_MS},
     uapi::Cmd,
 };
 use core::sync::atomic::Ordering;
@@ -135,10 +135,10 @@ impl DmirrorFile {
             let mut tables = TableLock::new();
             self.mirror
                 .lock()
-                .remove(start / PAGE_SIZE, next / PAGE_SIZE, |e| match &e.data {
-                    Data::Folio(folio, _) => !folio.is_zone_device(),
-                    Data::Writable(folio, _) => !folio.is_zone_device(),
-                    Data::Device(page) => tables.backing(&self.device, page).is_none(),
+                .remove(start / PAGE_SIZE, next / PAGE_SIZE, |e| match e {
+                    Entry::Folio(folio, ..) => !folio.is_zone_device(),
+                    Entry::Writable(folio, ..) => !folio.is_zone_device(),
+                    Entry::Device(page, _) => tables.backing(&self.device, page).is_none(),
                 });
             drop(tables);
             let mut mig = MigrateVma::setup(
@@ -205,10 +205,10 @@ impl DmirrorFile {
     ) -> Result {
         let n = (end - start) / PAGE_SIZE;
         let owner = &self.device.owner;
-        let ours = |e: &Entry| match &e.data {
-            Data::Folio(folio, _) => DevPagemap::<Chunk>::of_folio(folio, owner).is_some(),
-            Data::Writable(folio, _) => DevPagemap::<Chunk>::of_folio(folio, owner).is_some(),
-            Data::Device(_) => false,
+        let ours = |e: &Entry| match e {
+            Entry::Folio(folio, ..) => DevPagemap::<Chunk>::of_folio(folio, owner).is_some(),
+            Entry::Writable(folio, ..) => DevPagemap::<Chunk>::of_folio(folio, owner).is_some(),
+            Entry::Device(..) => false,
         };
         let started = Instant::<Monotonic>::now();
         loop {
@@ -291,16 +291,15 @@ impl DmirrorFile {
         storage: Storage<'_>,
         mapped: &mut KVec<(usize, Entry)>,
     ) -> Result {
-        let write = mig.src(i).is_write();
+        let access = Access {
+            write: mig.src(i).is_write(),
+            atomic: false,
+        };
         match storage {
             Storage::Backing(backing, page) => {
                 copy_source(mig, i, n, backing)?;
                 for k in 0..n {
-                    let entry = Entry {
-                        data: Data::Device(page.nth(k)),
-                        write,
-                        atomic: false,
-                    };
+                    let entry = Entry::Device(page.nth(k), access);
                     mapped.push((i + k, entry), GFP_KERNEL)?;
                 }
             }

@@ -54,32 +54,53 @@ pub(crate) fn check_signal() -> Result {
 /// Pages faulted per `hmm_range_fault()` call.
 pub(crate) const FAULT_WINDOW: usize = 64;
 
-/// One mirrored page.
-pub(crate) struct Entry {
-    /// Where the page's data is.
-    pub(crate) data: Data,
+/// What the CPU mapping of a mirrored page allowed.
+#[derive(Clone, Copy)]
+pub(crate) struct Access {
     /// Whether the CPU mapping was writable.
     pub(crate) write: bool,
     /// Whether the page is mapped device-exclusive (atomic) for this device.
     pub(crate) atomic: bool,
 }
 
-/// Where a mirrored page's data is.
-pub(crate) enum Data {
+/// One mirrored page: where its data is, and what its CPU mapping allowed. The byte offsets
+/// are `u32` (a folio is far smaller than 4 GiB) and the access bits sit in each variant, so
+/// that an entry takes 32 bytes and a leaf of [`LEAF_PAGES`] fits a 2 KiB allocation.
+pub(crate) enum Entry {
     /// System memory or coherent device memory the page table maps read-only (or this device
     /// took exclusive access to): the folio holding the page, and the page's byte offset in it
     /// (a large folio maps many addresses).
-    Folio(ARef<CpuFolio>, usize),
+    Folio(ARef<CpuFolio>, u32, Access),
     /// The same, mapped writable: the device may write it for as long as no invalidation
     /// happened since the grant was found.
-    Writable(WriteGrant, usize),
+    Writable(WriteGrant, u32, Access),
     /// A page of this device's private memory: its data is in its backing, found in the
     /// device's table while the page is the allocation named. Once the page is freed (it was
     /// migrated away, or the memory evicted) the entry is stale and reads as not mirrored.
-    Device(DevicePage),
+    Device(DevicePage, Access),
 }
 
+const _: () = assert!(core::mem::size_of::<Option<Entry>>() == 32);
+
 impl Entry {
+    /// A read-only or exclusive entry of the page at byte `offset` of `folio`; `None` past
+    /// 4 GiB.
+    pub(crate) fn folio(folio: ARef<CpuFolio>, offset: usize, access: Access) -> Option<Self> {
+        Some(Self::Folio(folio, u32::try_from(offset).ok()?, access))
+    }
+
+    /// A writable entry of the page at byte `offset` of the grant's folio; `None` past 4 GiB.
+    pub(crate) fn writable(grant: WriteGrant, offset: usize, access: Access) -> Option<Self> {
+        Some(Self::Writable(grant, u32::try_from(offset).ok()?, access))
+    }
+
+    /// What the page's CPU mapping allowed.
+    pub(crate) fn access(&self) -> Access {
+        match self {
+            Self::Folio(.., a) | Self::Writable(.., a) | Self::Device(_, a) => *a,
+        }
+    }
+
     /// Returns the folio holding the page's data and the page's byte offset in it; `None` for a
     /// stale entry. A page of `device`'s private memory is found in its backing table, locked
     /// with `tables` (if it is not the table held already), so that its backing stays alive
@@ -89,10 +110,10 @@ impl Entry {
         device: &'a Device,
         tables: &'b mut TableLock<'a>,
     ) -> Option<(&'b CpuFolio, usize)> {
-        match &self.data {
-            Data::Folio(folio, offset) => Some((folio, *offset)),
-            Data::Writable(grant, offset) => Some((grant, *offset)),
-            Data::Device(page) => tables.backing(device, page).map(|(f, o)| (&**f, o)),
+        match self {
+            Self::Folio(folio, offset, _) => Some((folio, *offset as usize)),
+            Self::Writable(grant, offset, _) => Some((grant, *offset as usize)),
+            Self::Device(page, _) => tables.backing(device, page).map(|(f, o)| (&**f, o)),
         }
     }
 
@@ -105,10 +126,12 @@ impl Entry {
         tables: &'b mut TableLock<'a>,
         valid: &'b ValidGuard<'_, Mirror>,
     ) -> Option<(FolioGuard<'b, WritableFolio>, usize)> {
-        match &self.data {
-            Data::Folio(..) => None,
-            Data::Writable(grant, offset) => Some((grant.writable(valid)?.try_lock()?, *offset)),
-            Data::Device(page) => {
+        match self {
+            Self::Folio(..) => None,
+            Self::Writable(grant, offset, _) => {
+                Some((grant.writable(valid)?.try_lock()?, *offset as usize))
+            }
+            Self::Device(page, _) => {
                 let (backing, offset) = tables.backing(device, page)?;
                 Some((backing.try_lock()?, offset))
             }
@@ -271,7 +294,7 @@ impl MmuIntervalNotifierOps for Mirror {
                 state.remove(
                     range.start() / PAGE_SIZE,
                     range.end().div_ceil(PAGE_SIZE),
-                    |e| matches!(e.data, Data::Device(_)),
+                    |e| matches!(e, Entry::Device(..)),
                 );
             }
             return;
@@ -296,27 +319,25 @@ impl DmirrorFile {
     ) -> Option<Entry> {
         let pfn = range.pfns().get(i)?;
         let offset = |folio: &Folio| (pfn.pfn() - folio.pfn()) * PAGE_SIZE;
+        let access = Access {
+            write: pfn.is_writable(),
+            atomic: false,
+        };
         // System memory and coherent device memory hold their data themselves.
-        let data = if let Some(grant) = range.write_grant(i, valid) {
+        if let Some(grant) = range.write_grant(i, valid) {
             let offset = offset(&grant);
-            Data::Writable(grant, offset)
+            Entry::writable(grant, offset, access)
         } else if let Some(folio) = range.cpu_folio(i, valid) {
             let offset = offset(&folio);
-            Data::Folio(folio, offset)
+            Entry::folio(folio, offset, access)
         } else {
             let folio = range.folio(i, valid)?;
             let (chunk, index) = DevPagemap::<Chunk>::of_folio(&folio, &self.device.owner)?;
-            Data::Device(
-                chunk
-                    .data()
-                    .device_page(index + offset(&folio) / PAGE_SIZE)?,
-            )
-        };
-        Some(Entry {
-            data,
-            write: pfn.is_writable(),
-            atomic: false,
-        })
+            let page = chunk
+                .data()
+                .device_page(index + offset(&folio) / PAGE_SIZE)?;
+            Some(Entry::Device(page, access))
+        }
     }
 
     /// Faults `[start, end)` into the mirror, readable or writable.
