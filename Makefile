@@ -169,12 +169,13 @@ compile-fail: $(KERNEL_DEP) tools
 # Each patch on its own, from outside any git tree (checkpatch consults git), with --strict as
 # the mm and Rust lists run it. Debian's tarball has no history, so the upstream commit ids the
 # messages cite cannot be looked up. The exceptions: FILE_PATH_CHANGES (new files need no
-# MAINTAINERS entry before the lists have said where they go), UNKNOWN_COMMIT_ID (no history).
+# MAINTAINERS entry before the lists have said where they go), UNKNOWN_COMMIT_ID (no history),
+# CAMELCASE (a Rust helper is named rust_helper_ and the C function it wraps: PageHead, PageTail).
 checkpatch: $(KERNEL_DEP)
 	@cd /tmp && rc=0 && for p in $(filter-out %/0000-cover-letter.patch,$(wildcard $(ROOT)/patches/*.patch)); do \
 		echo "$$(basename "$$p"):"; \
 		$(KSRC)/scripts/checkpatch.pl --no-tree --strict --quiet \
-			--ignore FILE_PATH_CHANGES,UNKNOWN_COMMIT_ID "$$p" || rc=1; \
+			--ignore FILE_PATH_CHANGES,UNKNOWN_COMMIT_ID,CAMELCASE "$$p" || rc=1; \
 	done; exit $$rc
 
 # Bisectability: `git am` of the series on a fresh tree, a build after each patch
