@@ -68,7 +68,11 @@ REUSE = $(if $(RERUN),,--reuse)
 MM_RUN = $(REUSE) --smp 3 --numa 2 --timeout 1800 --results $(ROOT)/results --append dmirror.suite_timeout=1500 \
 	--append proc_mem.force_override=always \
 	$(if $(MM),--append dmirror.mm=$(subst $(space),$(comma),$(strip $(MM))))
-MM_COMPARE = $(BENCH) mm $(ROOT)/results/latest-mm $(ROOT)/results/latest-mm-stock --known $(MM_KNOWN)
+# The debug kernel is compared with the stock kernel of the default configuration: KASAN's shadow
+# alone takes an eighth of the guest's memory (mremap_test's 2 GB cases fail with ENOMEM), so there
+# only its kernel reports and its completion are judged.
+MM_COMPARE = $(BENCH) mm $(ROOT)/results/latest-mm $(ROOT)/results/latest-mm-stock --known $(MM_KNOWN) \
+	$(if $(filter debug,$(KERNEL_FLAVOUR)),--reports-only)
 
 .PHONY: all series-check module clippy rust-analyzer kernel setup canary selftest tools suite perf fuzz bench \
 	initramfs demo test stock stock-initramfs mm-build mm-initramfs stock-mm-initramfs check-mm stock-mm \
