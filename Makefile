@@ -284,10 +284,10 @@ soak-test: initramfs tools
 		if $(BENCH_RUN) --plan test --kernel $(KDIR)/arch/x86/boot/bzImage \
 			--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) \
 			--results $(ROOT)/results $(BENCH_ARGS) >$$log 2>&1; then \
-			echo "soak-test: run $$i of $(RUNS): PASS, $$(tail -n 1 $$log)"; \
+			echo "soak-test: run $$i of $(RUNS): PASS, $$(grep -E '^[0-9]+ passed' $$log | tail -n 1)"; \
 		else \
 			fail=$$((fail + 1)); \
-			echo "soak-test: run $$i of $(RUNS): FAIL, $$(tail -n 1 $$log) (see $$log)"; \
+			echo "soak-test: run $$i of $(RUNS): FAIL, $$(grep -E '^[0-9]+ passed' $$log | tail -n 1) (see $$log)"; \
 		fi; \
 	done; \
 	echo "soak-test: $$(($(RUNS) - fail)) of $(RUNS) runs green"; \
