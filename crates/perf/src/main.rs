@@ -376,6 +376,19 @@ impl Turn<'_> {
         }
     }
 
+    /// Runs one timed ioctl workload of `len` bytes at `kind` (`op` returns its time in ns),
+    /// under the function profiler if it is the one asked for, and records the sample if its
+    /// rows are on.
+    fn timed(&self, workload: &str, kind: &str, len: usize, op: impl FnOnce() -> Res<u64>) -> Res {
+        let p = self.profile_start(workload, kind);
+        let ns = op()?;
+        self.profile_end(p, workload, kind, len);
+        if self.on(workload) {
+            self.sample(workload, kind, len, ns);
+        }
+        Ok(())
+    }
+
     fn on(&self, rows: &str) -> bool {
         self.opts.rows.iter().any(|r| r == rows)
     }
@@ -444,22 +457,14 @@ impl Turn<'_> {
         let at = |w: &str| format!("{driver} {w} {k} {} MiB", len / MIB);
         let s = self.stamp();
         populate(buf, len, s)?;
-        let p = self.profile_start("to_dev", k);
-        let ns = ioctl(dev, MIGRATE_TO_DEV, buf.addr, mirror, n, Some(n), &at("to_dev"))?;
-        self.profile_end(p, "to_dev", k, len);
-        if self.on("to_dev") {
-            self.sample("to_dev", k, len, ns);
-        }
+        self.timed("to_dev", k, len, || {
+            ioctl(dev, MIGRATE_TO_DEV, buf.addr, mirror, n, Some(n), &at("to_dev"))
+        })?;
         check(mirror, len, s, &at("to_dev readback"))?;
         placed(dev, buf.addr, n, true, &at("to_dev"))?;
 
         // MIGRATE_TO_SYS of what is now on the device.
-        let p = self.profile_start("to_sys", k);
-        let ns = ioctl(dev, MIGRATE_TO_SYS, buf.addr, 0, n, None, &at("to_sys"))?;
-        self.profile_end(p, "to_sys", k, len);
-        if self.on("to_sys") {
-            self.sample("to_sys", k, len, ns);
-        }
+        self.timed("to_sys", k, len, || ioctl(dev, MIGRATE_TO_SYS, buf.addr, 0, n, None, &at("to_sys")))?;
         placed(dev, buf.addr, n, false, &at("to_sys"))?;
         check(buf.addr, len, s, &at("to_sys"))
     }
@@ -474,21 +479,11 @@ impl Turn<'_> {
         let at = |w: &str| format!("{driver} {w} {k} {} MiB", len / MIB);
         let s = self.stamp();
         populate(buf, len, s)?;
-        let p = self.profile_start("read", k);
-        let ns = ioctl(dev, READ, buf.addr, mirror, n, None, &at("read"))?;
-        self.profile_end(p, "read", k, len);
-        if self.on("read") {
-            self.sample("read", k, len, ns);
-        }
+        self.timed("read", k, len, || ioctl(dev, READ, buf.addr, mirror, n, None, &at("read")))?;
         check(mirror, len, s, &at("read"))?;
         let s = self.stamp();
         mark(mirror, len, s);
-        let p = self.profile_start("write", k);
-        let ns = ioctl(dev, WRITE, buf.addr, mirror, n, None, &at("write"))?;
-        self.profile_end(p, "write", k, len);
-        if self.on("write") {
-            self.sample("write", k, len, ns);
-        }
+        self.timed("write", k, len, || ioctl(dev, WRITE, buf.addr, mirror, n, None, &at("write")))?;
         check(buf.addr, len, s, &at("write"))?;
         Ok(())
     }
