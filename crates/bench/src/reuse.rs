@@ -16,25 +16,33 @@ use std::process::{Command, Stdio};
 /// The file in a run's directory that holds its key.
 pub const KEY_FILE: &str = "reuse.key";
 
-/// SHA-256 of `data`, in hex, from `sha256sum` (coreutils).
-fn sha256(data: &[u8]) -> Result<String, String> {
+/// The SHA-256 sums, in hex, that `sha256sum` (coreutils) prints for `files` (each file's
+/// contents) or, with no files, for `stdin`.
+fn sha256sum(files: &[&Path], stdin: &[u8]) -> Result<Vec<String>, String> {
     let mut child = Command::new("sha256sum")
+        .args(files)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("sha256sum: {e}"))?;
-    child
-        .stdin
-        .take()
-        .ok_or("sha256sum: no stdin")?
-        .write_all(data)
-        .map_err(|e| format!("sha256sum: {e}"))?;
-    let out = child.wait_with_output().map_err(|e| format!("sha256sum: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    match text.split_whitespace().next() {
-        Some(h) if out.status.success() && h.len() == 64 => Ok(h.to_string()),
-        _ => Err(format!("sha256sum failed: {}", out.status)),
+    // sha256sum reads all of its input before it writes: no deadlock on the two pipes.
+    let mut input = child.stdin.take().ok_or("sha256sum: no stdin")?;
+    if files.is_empty() {
+        input.write_all(stdin).map_err(|e| format!("sha256sum: {e}"))?;
     }
+    drop(input);
+    let out = child.wait_with_output().map_err(|e| format!("sha256sum: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("sha256sum {files:?}: {}", out.status));
+    }
+    let sums: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    if sums.len() != files.len().max(1) || sums.iter().any(|h| h.len() != 64) {
+        return Err(format!("sha256sum {files:?}: unexpected output"));
+    }
+    Ok(sums)
 }
 
 /// The key of a boot: each of `parts` (the command line, the machine, ...) and the contents of
@@ -45,12 +53,13 @@ pub fn key(parts: &[String], files: &[&Path]) -> Result<String, String> {
         all.extend_from_slice(p.as_bytes());
         all.push(b'\n');
     }
-    for f in files {
-        let data = fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?;
-        all.extend_from_slice(sha256(&data)?.as_bytes());
-        all.push(b'\n');
+    if !files.is_empty() {
+        for sum in sha256sum(files, &[])? {
+            all.extend_from_slice(sum.as_bytes());
+            all.push(b'\n');
+        }
     }
-    sha256(&all)
+    Ok(sha256sum(&[], &all)?.remove(0))
 }
 
 /// Whether `name` is the directory name of a run of `plan`: `YYYYmmdd-HHMMSS-<plan>`.
