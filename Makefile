@@ -50,15 +50,18 @@ KMAKE = $(MAKE) -C $(KDIR) $(KMAKE_ARGS)
 # the sources in build/stock/module, so the tree's dmirror.ko stays the patched one.
 STOCK_BUILD := $(ROOT)/build/stock
 STOCK_KDIR = $(shell KERNEL_FLAVOUR=stock $(ROOT)/scripts/kernel path)
-STOCK_SRC = $(shell KERNEL_FLAVOUR=stock $(ROOT)/scripts/kernel src)
 
-# The kernel's mm selftests (tools/testing/selftests/mm, built by scripts/build-mm-selftests from
-# each kernel's tree) run in a boot of their own on each kernel, with two NUMA nodes and three
-# CPUs (`migration` needs both); `dmirror-bench mm` puts the two runs side by side and fails on a
-# regression, on a failure on both kernels without a reason in MM_KNOWN, or on a kernel report in
-# the patched run. MM="cow gup" runs only the programs whose label contains one of the words.
+# The kernel's mm selftests (tools/testing/selftests/mm of the series' tree, with the series' own
+# tests; built by scripts/build-mm-selftests) run in a boot of their own on each kernel, with two
+# NUMA nodes and three CPUs (`migration` needs both); `dmirror-bench mm` puts the two runs side by
+# side and fails on a regression, on a failure on both kernels without a reason in MM_KNOWN, or on
+# a kernel report in the patched run. MM="cow gup" runs only the programs whose label contains one
+# of the words.
 MM ?=
 MM_KNOWN := $(ROOT)/qemu/mm-selftests.known
+# The series' own selftests, each of which must fail on stock and pass patched (not judged when MM
+# selects programs).
+MM_FIXED := $(ROOT)/qemu/mm-selftests.fixed
 # proc_mem.force_override=always: mkdirty writes through /proc/self/mem (the bench kernel's
 # default allows that only under ptrace).
 # RERUN=1: boot the mm selftests and the stock kernel even when an earlier run of theirs had the
@@ -72,7 +75,7 @@ MM_RUN = $(REUSE) --smp 3 --numa 2 --timeout 1800 --results $(ROOT)/results --ap
 # alone takes an eighth of the guest's memory (mremap_test's 2 GB cases fail with ENOMEM), so there
 # only its kernel reports and its completion are judged.
 MM_COMPARE = $(BENCH) mm $(ROOT)/results/latest-mm $(ROOT)/results/latest-mm-stock --known $(MM_KNOWN) \
-	$(if $(filter debug,$(KERNEL_FLAVOUR)),--reports-only)
+	$(if $(MM),,--fixed $(MM_FIXED)) $(if $(filter debug,$(KERNEL_FLAVOUR)),--reports-only)
 
 .PHONY: all series-check module clippy rust-analyzer kernel setup canary selftest tools suite perf fuzz bench \
 	initramfs demo test stock stock-initramfs mm-build mm-initramfs stock-mm-initramfs check-mm stock-mm \
@@ -150,13 +153,12 @@ mm-initramfs: selftest mm-build $(FSDAX_IMG)
 	$(ROOT)/scripts/mkinitramfs $(KDIR) $(BUILD)/mm-initramfs.cpio.gz \
 		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/mm $(FSDAX_IMG)
 
-# The same from and for the stock kernel.
-stock-mm-initramfs: $(FSDAX_IMG)
+# The same for the stock kernel, with the same test programs: the series' selftests (which fail
+# on stock) run there too.
+stock-mm-initramfs: selftest mm-build $(FSDAX_IMG)
 	KERNEL_FLAVOUR=stock $(ROOT)/scripts/kernel build
-	$(ROOT)/scripts/build-selftest $(STOCK_SRC) $(STOCK_KDIR) $(STOCK_BUILD)/hmm-tests
-	$(ROOT)/scripts/build-mm-selftests $(STOCK_SRC) $(STOCK_KDIR) $(STOCK_BUILD)/mm
 	$(ROOT)/scripts/mkinitramfs $(STOCK_KDIR) $(STOCK_BUILD)/mm-initramfs.cpio.gz \
-		$(STOCK_KDIR)/lib/test_hmm.ko $(STOCK_BUILD)/hmm-tests $(STOCK_BUILD)/mm $(FSDAX_IMG)
+		$(STOCK_KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/mm $(FSDAX_IMG)
 
 host-test:
 	cargo test --quiet --workspace

@@ -7,7 +7,7 @@
 //! dmirror-bench judge RESULTS_DIR
 //! dmirror-bench report RESULTS_DIR
 //! dmirror-bench regress PATCHED_DIR STOCK_DIR
-//! dmirror-bench mm PATCHED_DIR STOCK_DIR --known FILE [--reports-only]
+//! dmirror-bench mm PATCHED_DIR STOCK_DIR --known FILE [--fixed FILE] [--reports-only]
 //! dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]
 //! dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S]
 //!                   [--make MAKE] [-- MAKE_ARG...]
@@ -25,7 +25,8 @@
 //! selftests of a stock run beside a patched run's (`mm`): it writes `mm-selftests.md` and
 //! `mm-selftests.json` into PATCHED_DIR, prints the cases that need a reader's eye and one summary
 //! line, and exits 0 only when nothing regressed, every failure on both kernels has a reason in
-//! FILE, the patched suite caused no kernel report and both runs finished. With `--reports-only`
+//! the `--known` FILE, every case the `--fixed` FILE names (the series' own selftests) fails on
+//! stock and passes patched, the patched suite caused no kernel report and both runs finished. With `--reports-only`
 //! (a patched kernel of another configuration, such as the debug flavour's) it judges only the
 //! patched run's kernel reports and completion, and shows the comparison.
 //!
@@ -96,7 +97,7 @@ const HOST_SUITES: &str = "host-suites";
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--accel tcg|kvm|auto] [--smp N] [--numa N] [--append ARG]... [--host-ktap FILE]... [--reuse]\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR\n       dmirror-bench mm PATCHED_DIR STOCK_DIR --known FILE [--reports-only]\n       dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]\n       dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S] [--make MAKE] [-- MAKE_ARG...]"
+        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--accel tcg|kvm|auto] [--smp N] [--numa N] [--append ARG]... [--host-ktap FILE]... [--reuse]\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR\n       dmirror-bench mm PATCHED_DIR STOCK_DIR --known FILE [--fixed FILE] [--reports-only]\n       dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]\n       dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S] [--make MAKE] [-- MAKE_ARG...]"
     );
     ExitCode::from(2)
 }
@@ -665,14 +666,49 @@ fn regress_dirs(patched_dir: &Path, stock_dir: &Path) -> Result<bool, String> {
 /// With `reports_only` (a patched kernel of another configuration than the stock one, as the
 /// debug flavour's), the comparison is written and printed but only the patched run's kernel
 /// reports and completion are judged.
-fn mm_dirs(patched_dir: &Path, stock_dir: &Path, known_file: &Path, reports_only: bool) -> Result<bool, String> {
-    let patched_dir = &fs::canonicalize(patched_dir).map_err(|e| format!("{}: {e}", patched_dir.display()))?;
-    let stock_dir = &fs::canonicalize(stock_dir).map_err(|e| format!("{}: {e}", stock_dir.display()))?;
-    let known_text = fs::read_to_string(known_file).map_err(|e| format!("{}: {e}", known_file.display()))?;
-    let known = mm::parse_known(&known_text).map_err(|e| format!("{}: {e}", known_file.display()))?;
+struct MmArgs {
+    patched: PathBuf,
+    stock: PathBuf,
+    known: PathBuf,
+    fixed: Option<PathBuf>,
+    reports_only: bool,
+}
+
+fn parse_mm(args: &[String]) -> Result<MmArgs, String> {
+    let (mut known, mut fixed, mut reports_only) = (None, None, false);
+    let mut it = args[2..].iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--known" => known = it.next().map(PathBuf::from),
+            "--fixed" => fixed = Some(it.next().map(PathBuf::from).ok_or("mm: --fixed wants a file")?),
+            "--reports-only" => reports_only = true,
+            _ => return Err(format!("mm: unknown argument {a}")),
+        }
+    }
+    Ok(MmArgs {
+        patched: PathBuf::from(&args[0]),
+        stock: PathBuf::from(&args[1]),
+        known: known.ok_or("mm: --known FILE is required")?,
+        fixed,
+        reports_only,
+    })
+}
+
+/// Reads a rules file of `dmirror-bench mm` (`--known`, `--fixed`).
+fn mm_rules(file: &Path) -> Result<Vec<mm::Known>, String> {
+    let text = fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    mm::parse_known(&text).map_err(|e| format!("{}: {e}", file.display()))
+}
+
+fn mm_dirs(args: &MmArgs) -> Result<bool, String> {
+    let patched_dir = &fs::canonicalize(&args.patched).map_err(|e| format!("{}: {e}", args.patched.display()))?;
+    let stock_dir = &fs::canonicalize(&args.stock).map_err(|e| format!("{}: {e}", args.stock.display()))?;
+    let known = mm_rules(&args.known)?;
+    let fixed = args.fixed.as_deref().map(mm_rules).transpose()?.unwrap_or_default();
     let (_, patched) = load(patched_dir)?;
     let (_, stock) = load(stock_dir)?;
     let rows = mm::compare(&patched, &stock, &known);
+    let unproven = mm::unproven(&rows, &fixed);
     let counts = mm::counts(&rows);
     let findings = mm::findings(&patched);
     let line = mm::summary_line(&counts);
@@ -700,6 +736,9 @@ fn mm_dirs(patched_dir: &Path, stock_dir: &Path, known_file: &Path, reports_only
     for n in mm::notable(&rows) {
         println!("mm-selftests: {n}");
     }
+    for u in &unproven {
+        println!("mm-selftests: {u}");
+    }
     for f in &findings {
         println!("mm-selftests: patched kernel report {} at dmesg line {}: {}", f.kind, f.line_no, f.line);
     }
@@ -708,7 +747,7 @@ fn mm_dirs(patched_dir: &Path, stock_dir: &Path, known_file: &Path, reports_only
             println!("mm-selftests: the {what} run did not finish its plan");
         }
     }
-    let ok = if reports_only {
+    let ok = if args.reports_only {
         println!(
             "mm-selftests: the patched kernel's configuration is not the stock kernel's: the \
              differences above are shown, not judged; judged are the patched run's kernel reports \
@@ -716,7 +755,7 @@ fn mm_dirs(patched_dir: &Path, stock_dir: &Path, known_file: &Path, reports_only
         );
         findings.is_empty() && patched.done && counts.cases > 0
     } else {
-        mm::ok(&counts, &findings, patched.done && stock.done)
+        mm::ok(&counts, &unproven, &findings, patched.done && stock.done)
     };
     println!("{line}");
     println!("mm-selftests: {}", if ok { "PASS" } else { "FAIL" });
@@ -801,9 +840,13 @@ fn main() -> ExitCode {
         Some("report") if args.len() == 2 => report_dir(Path::new(&args[1])).map(|()| true),
         Some("regress") if args.len() == 3 => regress_dirs(Path::new(&args[1]), Path::new(&args[2])),
         Some("kcidb") if args.len() >= 2 => kcidb_cmd(&args[1..]),
-        Some("mm") if (args.len() == 5 || args.len() == 6 && args[5] == "--reports-only") && args[3] == "--known" => {
-            mm_dirs(Path::new(&args[1]), Path::new(&args[2]), Path::new(&args[4]), args.len() == 6)
-        }
+        Some("mm") if args.len() >= 3 => match parse_mm(&args[1..]) {
+            Ok(cfg) => mm_dirs(&cfg),
+            Err(e) => {
+                eprintln!("dmirror-bench: {e}");
+                return usage();
+            }
+        },
         Some("compile-fail") => match parse_compile_fail(&args[1..]) {
             Ok(cfg) => compile_fail_cmd(&cfg),
             Err(e) => {

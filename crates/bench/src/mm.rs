@@ -53,8 +53,8 @@ pub struct Known {
     pub reason: String,
 }
 
-/// Parses the known-failures file: one `PREFIX<TAB>REASON` a line; blank lines and lines
-/// starting with `#` are ignored.
+/// Parses a rules file (the known failures, or the cases that show a fix): one
+/// `PREFIX<TAB>REASON` a line; blank lines and lines starting with `#` are ignored.
 pub fn parse_known(text: &str) -> Result<Vec<Known>, String> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -206,10 +206,39 @@ pub fn summary_line(c: &Counts) -> String {
     s
 }
 
-/// The whole comparison's verdict: no regression, every failure on both explained, no kernel
-/// report in the patched run's suite, both runs finished and the patched one has cases.
-pub fn ok(c: &Counts, patched_findings: &[Finding], both_done: bool) -> bool {
-    c.regressions == 0 && c.unexplained == 0 && patched_findings.is_empty() && both_done && c.cases > 0
+/// The whole comparison's verdict: no regression, every failure on both explained, every case
+/// the series adds to show a fix fails on stock and passes patched (`unproven` is empty), no
+/// kernel report in the patched run's suite, both runs finished and the patched one has cases.
+pub fn ok(c: &Counts, unproven: &[String], patched_findings: &[Finding], both_done: bool) -> bool {
+    c.regressions == 0
+        && c.unexplained == 0
+        && unproven.is_empty()
+        && patched_findings.is_empty()
+        && both_done
+        && c.cases > 0
+}
+
+/// The series' own selftests, each of which must show its fix (`fixed` rules: a case-name prefix
+/// and the fix it shows): what does not, a rule that matches no case, or a matching case that is
+/// not "fixed" (failing on stock, passing patched).
+pub fn unproven(rows: &[Row], fixed: &[Known]) -> Vec<String> {
+    let mut out = Vec::new();
+    for rule in fixed {
+        let matching: Vec<&Row> = rows.iter().filter(|r| r.name.starts_with(&rule.prefix)).collect();
+        if matching.is_empty() {
+            out.push(format!("{}: no such case in either run ({})", rule.prefix, rule.reason));
+        }
+        for r in matching.into_iter().filter(|r| r.verdict != Verdict::Fixed) {
+            out.push(format!(
+                "{} (stock {}, patched {}): does not show its fix, {}",
+                r.name,
+                cell(r.stock),
+                cell(r.patched),
+                rule.reason
+            ));
+        }
+    }
+    out
 }
 
 /// The table as markdown: one row per case, then the failures on both with their reasons.
@@ -279,7 +308,7 @@ mod tests {
         assert_eq!(rows[7].reason, None);
         let c = counts(&rows);
         assert_eq!((c.cases, c.pass_both, c.regressions, c.fail_both, c.unexplained), (8, 1, 2, 2, 1));
-        assert!(!ok(&c, &[], true));
+        assert!(!ok(&c, &[], &[], true));
         let t = table(&rows);
         assert!(t.contains("| p.b | pass | FAIL | REGRESSION"), "{t}");
         assert!(t.contains("| p.d | FAIL | FAIL | fails on both: a stock bug |"), "{t}");
@@ -293,12 +322,26 @@ mod tests {
         let rows = compare(&run(text), &run(text), &known);
         let c = counts(&rows);
         assert_eq!((c.pass_both, c.fail_both, c.skipped, c.unexplained, c.regressions), (1, 1, 1, 0, 0));
-        assert!(ok(&c, &[], true));
-        assert!(!ok(&c, &[], false), "an unfinished run cannot be green");
+        assert!(ok(&c, &[], &[], true));
+        assert!(!ok(&c, &[], &[], false), "an unfinished run cannot be green");
         assert_eq!(
             summary_line(&c),
             "mm-selftests: 3 cases, 1 pass both, 1 fail both (listed), 1 skipped, 0 regressions"
         );
+    }
+
+    #[test]
+    fn a_fix_is_shown_only_by_a_case_failing_on_stock() {
+        let stock = run("1..1\n    1..3\n    not ok 1 fix one\n    ok 2 fix two\n    ok 3 other\nnot ok 1 p\n");
+        let patched = run("1..1\n    1..3\n    ok 1 fix one\n    ok 2 fix two\n    ok 3 other\nok 1 p\n");
+        let rows = compare(&patched, &stock, &[]);
+        let fixed = parse_known("p.fix one\tpatch 1\np.fix two\tpatch 2\np.gone\tpatch 3\n").unwrap();
+        let u = unproven(&rows, &fixed);
+        assert_eq!(u.len(), 2, "{u:?}");
+        assert!(u[0].starts_with("p.fix two (stock pass, patched pass): does not show its fix"), "{u:?}");
+        assert!(u[1].starts_with("p.gone: no such case"), "{u:?}");
+        assert!(!ok(&counts(&rows), &u, &[], true));
+        assert!(unproven(&rows, &fixed[..1]).is_empty());
     }
 
     #[test]
@@ -321,7 +364,7 @@ mod tests {
     #[test]
     fn empty_run_is_not_green() {
         let rows = compare(&run("1..0\n"), &run("1..0\n"), &[]);
-        assert!(!ok(&counts(&rows), &[], true));
+        assert!(!ok(&counts(&rows), &[], &[], true));
     }
 
     #[test]
