@@ -26,9 +26,10 @@
 //! `mm-selftests.json` into PATCHED_DIR, prints the cases that need a reader's eye and one summary
 //! line, and exits 0 only when nothing regressed, every failure on both kernels has a reason in
 //! the `--known` FILE, every case the `--fixed` FILE names (the series' own selftests) fails on
-//! stock and passes patched, the patched suite caused no kernel report and both runs finished. With `--reports-only`
-//! (a patched kernel of another configuration, such as the debug flavour's) it judges only the
-//! patched run's kernel reports and completion, and shows the comparison.
+//! stock and passes patched, the patched suite caused no kernel report and both runs finished.
+//! With `--reports-only` (a patched kernel of another configuration, such as the debug
+//! flavour's) it judges only the patched run's kernel reports and completion, and shows the
+//! comparison.
 //!
 //! `run --reuse` boots only when no earlier run of the plan in DIR had the same kernel image,
 //! initramfs (by content), command line and machine and finished its plan; otherwise it
