@@ -656,10 +656,12 @@ impl Caller<'_> {
             }
             MIGRATE_TO_DEV => {
                 let special = has(Kind::DevMap);
-                when(
-                    !hole && !prot_none && !special && !has(Kind::File) && ptr_ok,
-                    OK,
-                );
+                // A file page is never migrated, and the migration drops the range's mirror
+                // entries of system pages before it reads the range back; but another thread's
+                // READ or WRITE through the same (shared) descriptor can mirror the file page
+                // again in between, and the read-back then finds every page.
+                let file_ok = !has(Kind::File) || self.threads > 1;
+                when(!hole && !prot_none && !special && file_ok && ptr_ok, OK);
                 when(hole || prot_none || special || churn, bit(EINVAL));
                 when(mapped, bit(ENOENT) | bit(ENOMEM));
                 when(!ptr_ok, bit(EFAULT));
