@@ -318,8 +318,8 @@ pub struct Patch {
     pub name: String,
     /// The hex SHA-256 of the file.
     pub sha256: String,
-    /// Whether its subject starts with `rust:`: the stock kernel has these only.
-    pub rust: bool,
+    /// Whether the stock kernel has it too: its subject starts with one of [`STOCK_PREFIXES`].
+    pub stock: bool,
 }
 
 /// The series of `patches/`, in the order `scripts/kernel` applies it.
@@ -342,9 +342,13 @@ pub fn patchset_hash<'a>(patches: impl IntoIterator<Item = &'a Patch>) -> String
     }
 }
 
-/// Whether a patch's `Subject:` starts with `rust:` (after a `[PATCH ...]` tag), as
-/// `scripts/kernel` picks the stock kernel's patches.
-fn is_rust_patch(text: &str) -> bool {
+/// The subjects of the patches the stock kernel has: the Rust abstractions and the test
+/// driver's fix, none of the kernel fixes (`scripts/kernel` picks them the same way).
+pub const STOCK_PREFIXES: &[&str] = &["rust:", "lib/test_hmm:"];
+
+/// Whether a patch's `Subject:` starts with one of [`STOCK_PREFIXES`] (after a `[PATCH ...]`
+/// tag), as `scripts/kernel` picks the stock kernel's patches.
+fn is_stock_patch(text: &str) -> bool {
     text.lines().any(|l| {
         let Some(s) = l.strip_prefix("Subject: ") else {
             return false;
@@ -356,7 +360,7 @@ fn is_rust_patch(text: &str) -> bool {
             },
             None => s,
         };
-        s.starts_with("rust:")
+        STOCK_PREFIXES.iter().any(|p| s.starts_with(p))
     })
 }
 
@@ -379,7 +383,7 @@ impl Series {
             let bytes = std::fs::read(dir.join(&name)).map_err(|e| format!("{name}: {e}"))?;
             patches.push(Patch {
                 sha256: hex(&sha256(&bytes)),
-                rust: is_rust_patch(&String::from_utf8_lossy(&bytes)),
+                stock: is_stock_patch(&String::from_utf8_lossy(&bytes)),
                 name,
             });
         }
@@ -393,7 +397,7 @@ impl Series {
 
     /// The patches of the stock kernel.
     pub fn stock(&self) -> impl Iterator<Item = &Patch> {
-        self.patches.iter().filter(|p| p.rust)
+        self.patches.iter().filter(|p| p.stock)
     }
 }
 
@@ -725,7 +729,7 @@ impl Export<'_> {
         // It built, and the guest booted it.
         b.insert("status".into(), json!("PASS"));
         let mut comment = match role {
-            "stock" => "the stock kernel: the series' rust: patches only, none of its kernel fixes"
+            "stock" => "the stock kernel: the series' rust: and lib/test_hmm: patches, none of its kernel fixes"
                 .to_string(),
             _ => "the kernel with the whole series".to_string(),
         };
@@ -1109,7 +1113,7 @@ mod tests {
         let p = |name: &str, text: &[u8]| Patch {
             name: name.into(),
             sha256: hex(&sha256(text)),
-            rust: false,
+            stock: false,
         };
         let patches = [p("1.patch", b"a\n"), p("2.patch", b"b\n")];
         let list = format!("{}\n{}\n", patches[0].sha256, patches[1].sha256);
@@ -1118,15 +1122,21 @@ mod tests {
     }
 
     #[test]
-    fn rust_patches_by_subject() {
-        assert!(is_rust_patch(
+    fn stock_patches_by_subject() {
+        assert!(is_stock_patch(
             "From 0\nSubject: [PATCH 03/17] rust: mm: add Folio\n"
         ));
-        assert!(is_rust_patch("Subject: rust: task: x\n"));
-        assert!(!is_rust_patch(
+        assert!(is_stock_patch("Subject: rust: task: x\n"));
+        assert!(!is_stock_patch(
             "Subject: [PATCH 08/17] mm/memremap: take freed\n"
         ));
-        assert!(!is_rust_patch("Subject: [PATCH] mm: rust: not first\n"));
+        assert!(!is_stock_patch("Subject: [PATCH] mm: rust: not first\n"));
+        assert!(is_stock_patch(
+            "Subject: [PATCH 09/28] lib/test_hmm: make device-coherent mode work\n"
+        ));
+        assert!(!is_stock_patch(
+            "Subject: [PATCH 08/28] selftests/mm: add devdax_unbind\n"
+        ));
     }
 
     #[test]
