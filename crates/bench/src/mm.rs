@@ -256,9 +256,10 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
-/// The rows that need a reader's eye: regressions, failures on both, fixes, in that order.
+/// The rows that need a reader's eye: failures on both, fixes, regressions, in that order (the
+/// regressions last, next to the summary line, where the tail of a CI log shows them).
 pub fn notable(rows: &[Row]) -> Vec<String> {
-    let order = [Verdict::Regression, Verdict::FailBoth, Verdict::Fixed];
+    let order = [Verdict::FailBoth, Verdict::Fixed, Verdict::Regression];
     order
         .iter()
         .flat_map(|v| rows.iter().filter(move |r| r.verdict == *v))
@@ -312,7 +313,10 @@ mod tests {
         let t = table(&rows);
         assert!(t.contains("| p.b | pass | FAIL | REGRESSION"), "{t}");
         assert!(t.contains("| p.d | FAIL | FAIL | fails on both: a stock bug |"), "{t}");
-        assert!(notable(&rows)[0].starts_with("p.b "));
+        let n = notable(&rows);
+        assert!(n[0].starts_with("p.d "), "{n:?}");
+        assert!(n[n.len() - 2].starts_with("p.b "), "{n:?}");
+        assert!(n[n.len() - 1].starts_with("p.f "), "{n:?}");
     }
 
     #[test]
