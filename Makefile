@@ -105,8 +105,6 @@ canary: $(KERNEL_DEP)
 
 selftest: $(KERNEL_DEP)
 	$(ROOT)/scripts/build-selftest $(KSRC) $(KDIR) $(BUILD)/hmm-tests
-	gcc -O2 -static -Wall -Werror -I$(KSRC) -isystem $(KDIR)/usr/include \
-		-o $(BUILD)/dmirror_evict $(ROOT)/tests/guest/dmirror_evict.c
 
 tools:
 	cargo build --release --quiet -p dmirror-bench
@@ -141,7 +139,7 @@ $(FSDAX_IMG):
 initramfs: module canary selftest suite perf fuzz $(FSDAX_IMG)
 	$(ROOT)/scripts/mkinitramfs $(KDIR) $(BUILD)/initramfs.cpio.gz \
 		$(ROOT)/dmirror.ko $(ROOT)/tests/canary/bench_canary.ko \
-		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/dmirror_evict $(SUITE) $(PERF) \
+		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(SUITE) $(PERF) \
 		$(FUZZ) $(FSDAX_IMG)
 
 # The mm selftests for the patched kernel, and their initramfs (with upstream hmm-tests and the

@@ -870,6 +870,12 @@ fn capacity_enomem(ctx: &Ctx) -> R {
         ensure_eq!(err.raw_os_error(), Some(libc::ENOMEM), "migrating past the capacity");
         let s = settled(ctx.variant(), cap)?;
         ensure_eq!(s.get("free"), 0, "free pages of a full device");
+        // Exactly the capacity went, and the failed migration lost nothing.
+        let snap = dev.snapshot(map.addr, map.npages())?;
+        let want = local_prot(coherent(ctx));
+        let on = snap.iter().filter(|&&s| s & uapi::PROT_DEV_MASK == want).count();
+        ensure_eq!(on as u64, cap, "pages in device memory after ENOMEM");
+        verify(map.bytes(), 6, "the range after ENOMEM")?;
         drop(map);
         settled(ctx.variant(), 0)?;
         // After the pressure, the device works again.
@@ -1038,7 +1044,8 @@ fn kill_mid_migration(ctx: &Ctx) -> R {
     Ok(())
 }
 
-/// Migrates a pattern of pages and a THP to the device; returns the maps and seeds.
+/// Migrates a pattern of pages and a THP to the device, the THP as one device THP mapped by a
+/// PMD; returns the maps.
 fn some_on_device(ctx: &Ctx, dev: &Dev) -> R<(Map, Map)> {
     let pages = Map::anon(64 * PAGE)?;
     let huge = Map::thp(THP)?;
@@ -1046,7 +1053,14 @@ fn some_on_device(ctx: &Ctx, dev: &Dev) -> R<(Map, Map)> {
     fill(huge.bytes(), seed(ctx, "evict_thp"));
     to_dev_all(dev, &pages)?;
     to_dev_all(dev, &huge)?;
-    settled(ctx.variant(), (64 + THP_PAGES) as u64)?;
+    let s = settled(ctx.variant(), (64 + THP_PAGES) as u64)?;
+    ensure_eq!(s.get("large_folios"), 1, "device THPs");
+    on_device(ctx, dev, &pages, |_| true)?;
+    let snap = dev.snapshot(huge.addr, THP_PAGES)?;
+    let want = local_prot(coherent(ctx)) | uapi::PROT_PMD;
+    for (i, &s) in snap.iter().enumerate() {
+        ensure_eq!(s & (uapi::PROT_DEV_MASK | uapi::PROT_PMD), want, "THP page {i}: snapshot {s:#x}");
+    }
     Ok((pages, huge))
 }
 
