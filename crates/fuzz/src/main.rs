@@ -9,7 +9,9 @@
 //!    from `--threads` threads (default 3) with random and boundary values in every field of
 //!    every command, and unknown commands, on every node, over an arena of every kind of
 //!    mapping (see [`arena`]), and checks each answer (see [`call`]); a watchdog here fails
-//!    the run and names the call if one takes 30 s, or if no call completes for 30 s;
+//!    the run and names the call if one takes 30 s, or if no call completes for 30 s, with the
+//!    kernel stack of each of the worker's tasks (and every blocked task in the kernel log,
+//!    through sysrq `w`), then kills them;
 //! 3. checks that the worker's checked memory is intact, that the kernel logged no report,
 //!    that every device has nothing allocated and passes its refcount check once the worker
 //!    is gone, and that the module unloads.
@@ -314,6 +316,52 @@ fn results(shared: &Shared, cat: usize) -> String {
     )
 }
 
+/// Frames of a task's kernel stack printed at most.
+const STACK_FRAMES: usize = 24;
+
+/// The kernel stack of every task of process group `pgid` (the worker, its threads and its
+/// children), one line per frame, each task headed by its id, name and state.
+fn stacks(pgid: i32) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return vec!["/proc is not readable: no stacks".into()];
+    };
+    for p in procs.flatten() {
+        let name = p.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        // The fields after the name, which may hold spaces and parentheses: state, ppid, pgrp.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+        if after.split_whitespace().nth(2).and_then(|g| g.parse().ok()) != Some(pgid) {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let dir = t.path();
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            let (comm, after) = stat.rsplit_once(')').unwrap_or(("", ""));
+            let comm = comm.split_once('(').map_or("?", |(_, c)| c);
+            let state = after.split_whitespace().next().unwrap_or("?");
+            let tid = t.file_name().to_string_lossy().into_owned();
+            out.push(format!("task {tid} ({comm}) of process {pid}, state {state}:"));
+            match std::fs::read_to_string(dir.join("stack")) {
+                Ok(stack) => out.extend(
+                    stack
+                        .lines()
+                        .take(STACK_FRAMES)
+                        .map(|l| format!("  {}", l.trim())),
+                ),
+                Err(e) => out.push(format!("  (no stack: {e})")),
+            }
+        }
+    }
+    out
+}
+
 /// Waits for the worker; returns the calls that got stuck (if the watchdog fired) and the
 /// worker's wait status (`None` if it could not be reaped).
 fn watch(shared: &Shared, pid: i32, stuck_secs: u64) -> (Vec<String>, Option<i32>) {
@@ -366,6 +414,10 @@ fn watch(shared: &Shared, pid: i32, stuck_secs: u64) -> (Vec<String>, Option<i32
             continue;
         }
         shared.stop.store(true, Ordering::Relaxed);
+        // Where the worker's tasks are, before they are killed; and every blocked task of the
+        // system into the kernel log, for the ones outside the worker (a kworker, a fault).
+        stuck.extend(stacks(pid));
+        let _ = std::fs::write("/proc/sysrq-trigger", "w");
         // SAFETY: Kills the worker's process group (its threads and children).
         unsafe { libc::kill(-pid, libc::SIGKILL) };
         for _ in 0..50 {
