@@ -25,6 +25,7 @@ pub const CASES: &[Case] = &[
     case("fork_cow_both_write", 120, fork_cow_both_write),
     case("fork_child_migrates", 60, fork_child_migrates),
     case("fork_device_write_breaks_cow", 60, fork_device_write),
+    case("fork_shared_thp_single_pages", 60, fork_shared_thp_single_pages),
     case("munmap_on_device", 60, munmap_on_device),
     case("munmap_half_thp", 60, munmap_half_thp),
     case("mremap_move", 60, mremap_move),
@@ -425,6 +426,68 @@ fn fork_device_write(ctx: &Ctx) -> R {
     ensure!(map.bytes()[..] == new[..], "the parent does not see its device write");
     let s = stats(ctx.variant())?;
     settled(ctx.variant(), s.get("allocated")).map(|_| ())
+}
+
+/// THPs a forked child maps too, migrated with single-page destinations: a system THP to the
+/// device when the device THP fails, a device THP back when the system THP fails. The core
+/// splits the source after it was unmapped everywhere; every mapping of it must be split then,
+/// the child's too. Without series patch 33 only the migrating process's PMD was: the child's
+/// PMD migration entry was restored onto a single page (`kernel BUG at mm/migrate.c`, in
+/// `remove_migration_pte()`; found by the fuzzer).
+fn fork_shared_thp_single_pages(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let (sys, on_dev) = (Map::thp(THP)?, Map::thp(THP)?);
+    let seed = seed(ctx, "shared_thp");
+    fill(sys.bytes(), seed);
+    fill(on_dev.bytes(), seed ^ 1);
+    if dev.snapshot(sys.addr, 1)?[0] & uapi::PROT_PMD == 0 {
+        return Err(Fail::Skip(
+            "no THP for the source buffer (transparent_hugepage not available)".into(),
+        ));
+    }
+    to_dev_all(&dev, &on_dev)?;
+    let s = settled(ctx.variant(), THP_PAGES as u64)?;
+    ensure_eq!(s.get("large_folios"), 1, "device THPs before the fork");
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for two descriptors.
+    ensure!(unsafe { libc::pipe(fds.as_mut_ptr()) } == 0, "pipe");
+    let (a, b) = (sys.bytes(), on_dev.bytes());
+    // SAFETY: The child waits for the parent's migrations, checks its own view and exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let mut x = [0u8; 1];
+        // SAFETY: Reads one byte from the pipe.
+        unsafe { libc::read(fds[0], x.as_mut_ptr().cast(), 1) };
+        let ok = verify(a, seed, "child").is_ok() && verify(b, seed ^ 1, "child").is_ok();
+        // SAFETY: Ends the child.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    dev.fail_next_alloc()?;
+    let there = dev.to_dev(sys.addr, THP_PAGES);
+    dev.fail_next_alloc()?;
+    let back = dev.to_sys(on_dev.addr, THP_PAGES);
+    let mut status = 0;
+    // SAFETY: Lets the child go on, then waits for it.
+    unsafe {
+        libc::write(fds[1], b"x".as_ptr().cast(), 1);
+        libc::waitpid(pid, &mut status, 0);
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    let there = there.map_err(|e| Fail::Fail(format!("MIGRATE_TO_DEV of the shared THP: {e}")))?;
+    ensure_eq!(there, THP_PAGES as u64, "pages of the shared THP migrated to the device");
+    let back = back.map_err(|e| Fail::Fail(format!("MIGRATE_TO_SYS of the shared device THP: {e}")))?;
+    ensure_eq!(back, THP_PAGES as u64, "pages of the shared device THP migrated back");
+    ensure!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child saw wrong data (status {status:#x})"
+    );
+    let s = stats(ctx.variant())?;
+    ensure_eq!(s.get("large_folios"), 0, "device THPs after the failed allocations");
+    verify(on_dev.bytes(), seed ^ 1, "the device THP back page by page")?;
+    verify(sys.bytes(), seed, "the THP on the device page by page")?;
+    drop((sys, on_dev));
+    settled(ctx.variant(), 0).map(|_| ())
 }
 
 fn fork_child_migrates(ctx: &Ctx) -> R {
