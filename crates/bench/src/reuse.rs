@@ -23,6 +23,7 @@ fn sha256sum(files: &[&Path], stdin: &[u8]) -> Result<Vec<String>, String> {
         .args(files)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("sha256sum: {e}"))?;
     // sha256sum reads all of its input before it writes: no deadlock on the two pipes.
@@ -33,7 +34,8 @@ fn sha256sum(files: &[&Path], stdin: &[u8]) -> Result<Vec<String>, String> {
     drop(input);
     let out = child.wait_with_output().map_err(|e| format!("sha256sum: {e}"))?;
     if !out.status.success() {
-        return Err(format!("sha256sum {files:?}: {}", out.status));
+        let why = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("sha256sum {files:?}: {}: {}", out.status, why.trim()));
     }
     let sums: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -110,7 +112,8 @@ mod tests {
         assert_ne!(k, key(&parts[..1], &[&a, &b]).unwrap());
         fs::write(&b, "initrd2").unwrap();
         assert_ne!(k, key(&parts, &[&a, &b]).unwrap());
-        assert!(key(&parts, &[&d.join("missing")]).is_err());
+        let e = key(&parts, &[&d.join("missing")]).unwrap_err();
+        assert!(e.contains("No such file"), "{e}");
         fs::remove_dir_all(&d).unwrap();
     }
 
