@@ -26,6 +26,7 @@ pub const CASES: &[Case] = &[
     case("fork_child_migrates", 60, fork_child_migrates),
     case("fork_device_write_breaks_cow", 60, fork_device_write),
     case("fork_shared_thp_single_pages", 60, fork_shared_thp_single_pages),
+    case("shmem_thp_stays", 60, shmem_thp_stays),
     case("munmap_on_device", 60, munmap_on_device),
     case("munmap_half_thp", 60, munmap_half_thp),
     case("mremap_move", 60, mremap_move),
@@ -488,6 +489,64 @@ fn fork_shared_thp_single_pages(ctx: &Ctx) -> R {
     verify(sys.bytes(), seed, "the THP on the device page by page")?;
     drop((sys, on_dev));
     settled(ctx.variant(), 0).map(|_| ())
+}
+
+/// A THP of a tmpfs file mapped shared, PMD-mapped: MIGRATE_TO_DEV must leave it where it is
+/// (only anonymous memory moves to the device: `ENOENT`), whether the device THP is allocated or
+/// fails, with its data intact and nothing allocated. The core collects a PMD-mapped THP of any
+/// VMA whole; a file folio must not reach the split of an unmapped anonymous folio.
+fn shmem_thp_stays(ctx: &Ctx) -> R {
+    let dev = Dev::open(&ctx.path())?;
+    let dir = "/tmp/dmirror-shmem-huge";
+    let _ = std::fs::create_dir(dir);
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    let (src, dst, fs, opts) = (c("tmpfs"), c(dir), c("tmpfs"), c("huge=always,size=16M"));
+    // SAFETY: All strings are NUL-terminated and live across the call.
+    let r = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), fs.as_ptr(), 0, opts.as_ptr().cast()) };
+    ensure!(r == 0, "mount tmpfs -o huge=always: {}", std::io::Error::last_os_error());
+    let result = (|| -> R {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .open(format!("{dir}/f"))?;
+        file.set_len(THP as u64)?;
+        let map = Map::thp(THP)?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: Replaces our own aligned mapping with the file, at the same place.
+        let p = unsafe {
+            libc::mmap(
+                map.addr as *mut _,
+                THP,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        ensure!(p as usize == map.addr, "mmap of the tmpfs file");
+        let seed = seed(ctx, "shmem");
+        fill(map.bytes(), seed);
+        if dev.snapshot(map.addr, 1)?[0] & uapi::PROT_PMD == 0 {
+            return Err(Fail::Skip("the tmpfs file got no THP".into()));
+        }
+        for fail in [false, true] {
+            if fail {
+                dev.fail_next_alloc()?;
+            }
+            let r = dev.to_dev(map.addr, THP_PAGES);
+            ensure!(
+                r.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::ENOENT),
+                "MIGRATE_TO_DEV of a shared tmpfs THP (failed allocation {fail}): {r:?}, not ENOENT"
+            );
+            settled(ctx.variant(), 0)?;
+            verify(map.bytes(), seed, "the tmpfs THP after MIGRATE_TO_DEV")?;
+        }
+        Ok(())
+    })();
+    // SAFETY: Unmounts what this case mounted (lazily: the mapping may still be alive).
+    unsafe { libc::umount2(dst.as_ptr(), libc::MNT_DETACH) };
+    result
 }
 
 fn fork_child_migrates(ctx: &Ctx) -> R {
