@@ -34,7 +34,7 @@ use kernel::{
     prelude::*,
     rbtree::{RBTree, RBTreeNodeReservation},
     sync::{aref::ARef, Arc},
-    time::{Instant, Monotonic},
+    time::{Delta, Instant, Monotonic},
 };
 
 /// How long a fault retries on concurrent invalidations before giving up with `EBUSY`.
@@ -381,14 +381,11 @@ impl DmirrorFile {
         // that window is faulted again as any other memory, which brings the page back.
         let mut owner = Some(&*self.device.owner);
         loop {
-            let left = FAULT_TIMEOUT_MS - started.elapsed().as_millis();
-            if left <= 0 {
+            let left = Delta::from_millis(FAULT_TIMEOUT_MS) - started.elapsed();
+            if left.as_nanos() <= 0 {
                 return Err(EBUSY);
             }
             let range = if unlocked {
-                // The budget left, not 0 (which retries for ever): invalidations of the
-                // address space can come faster than a walk of the range ends.
-                let left = usize::try_from(left).unwrap_or(1);
                 HmmRange::fault_unlocked(&self.mirror, mm, start, n, flags, owner, left)
             } else {
                 let seq = self.mirror.read_begin();
