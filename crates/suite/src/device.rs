@@ -152,6 +152,30 @@ fn migrate_thp_counted(ctx: &Ctx) -> R {
     verify(map.bytes(), seed, "back in system memory")
 }
 
+/// Forks a child that waits while `parent` runs, then exits with status 0 if `child` returns
+/// true: the child sees the memory it shares with the parent after the parent's work. Returns
+/// what `parent` returned and whether the child exited with status 0.
+fn child_after<T>(child: impl FnOnce() -> bool, parent: impl FnOnce() -> T) -> R<(T, bool)> {
+    let pipe = Pipe::new()?;
+    // SAFETY: The child waits for a byte, checks its own view and exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    if pid == 0 {
+        let ok = pipe.read(1).is_ok() && child();
+        // SAFETY: Ends the child.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let out = parent();
+    let signalled = pipe.signal();
+    let mut status = 0;
+    // SAFETY: Waits for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    signalled?;
+    Ok((out, libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0))
+}
+
 /// Runs `f` in a forked child; returns whether it exited with status 0.
 fn in_child(f: impl FnOnce() -> R) -> R<bool> {
     // SAFETY: The child runs `f` and exits; the parent only waits.
@@ -396,34 +420,13 @@ fn fork_device_write(ctx: &Ctx) -> R {
     let seed = seed(ctx, "device_write");
     fill(map.bytes(), seed);
     to_dev_all(&dev, &map)?;
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for two descriptors.
-    ensure!(unsafe { libc::pipe(fds.as_mut_ptr()) } == 0, "pipe");
     let bytes = map.bytes();
-    // SAFETY: The child waits for the parent's write, checks its own view and exits.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        let mut b = [0u8; 1];
-        // SAFETY: Reads one byte from the pipe.
-        unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) };
-        let ok = verify(bytes, seed, "child").is_ok();
-        // SAFETY: Ends the child.
-        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-    }
     let mut new = vec![0u8; map.len];
     fill(&mut new, seed ^ 1);
-    let wrote = dev.write(map.addr, &new);
-    let mut status = 0;
-    // SAFETY: Lets the child go on, then waits for it.
-    unsafe {
-        libc::write(fds[1], b"x".as_ptr().cast(), 1);
-        libc::waitpid(pid, &mut status, 0);
-    }
+    let (wrote, child_ok) =
+        child_after(|| verify(bytes, seed, "child").is_ok(), || dev.write(map.addr, &new))?;
     wrote.map_err(|e| Fail::Fail(format!("device write to a COW-shared page: {e}")))?;
-    ensure!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "the child saw the parent's device write (status {status:#x})"
-    );
+    ensure!(child_ok, "the child saw the parent's device write");
     ensure!(map.bytes()[..] == new[..], "the parent does not see its device write");
     let s = stats(ctx.variant())?;
     settled(ctx.variant(), s.get("allocated")).map(|_| ())
@@ -449,40 +452,25 @@ fn fork_shared_thp_single_pages(ctx: &Ctx) -> R {
     to_dev_all(&dev, &on_dev)?;
     let s = settled(ctx.variant(), THP_PAGES as u64)?;
     ensure_eq!(s.get("large_folios"), 1, "device THPs before the fork");
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for two descriptors.
-    ensure!(unsafe { libc::pipe(fds.as_mut_ptr()) } == 0, "pipe");
     let (a, b) = (sys.bytes(), on_dev.bytes());
-    // SAFETY: The child waits for the parent's migrations, checks its own view and exits.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        let mut x = [0u8; 1];
-        // SAFETY: Reads one byte from the pipe.
-        unsafe { libc::read(fds[0], x.as_mut_ptr().cast(), 1) };
-        let ok = verify(a, seed, "child").is_ok() && verify(b, seed ^ 1, "child").is_ok();
-        // SAFETY: Ends the child.
-        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-    }
-    dev.fail_next_alloc()?;
-    let there = dev.to_dev(sys.addr, THP_PAGES);
-    dev.fail_next_alloc()?;
-    let back = dev.to_sys(on_dev.addr, THP_PAGES);
-    let mut status = 0;
-    // SAFETY: Lets the child go on, then waits for it.
-    unsafe {
-        libc::write(fds[1], b"x".as_ptr().cast(), 1);
-        libc::waitpid(pid, &mut status, 0);
-        libc::close(fds[0]);
-        libc::close(fds[1]);
-    }
-    let there = there.map_err(|e| Fail::Fail(format!("MIGRATE_TO_DEV of the shared THP: {e}")))?;
+    let (migrated, child_ok) = child_after(
+        || verify(a, seed, "child").is_ok() && verify(b, seed ^ 1, "child").is_ok(),
+        || -> R<(u64, u64)> {
+            dev.fail_next_alloc()?;
+            let there = dev.to_dev(sys.addr, THP_PAGES).map_err(|e| {
+                Fail::Fail(format!("MIGRATE_TO_DEV of the shared THP: {e}"))
+            })?;
+            dev.fail_next_alloc()?;
+            let back = dev.to_sys(on_dev.addr, THP_PAGES).map_err(|e| {
+                Fail::Fail(format!("MIGRATE_TO_SYS of the shared device THP: {e}"))
+            })?;
+            Ok((there, back))
+        },
+    )?;
+    let (there, back) = migrated?;
     ensure_eq!(there, THP_PAGES as u64, "pages of the shared THP migrated to the device");
-    let back = back.map_err(|e| Fail::Fail(format!("MIGRATE_TO_SYS of the shared device THP: {e}")))?;
     ensure_eq!(back, THP_PAGES as u64, "pages of the shared device THP migrated back");
-    ensure!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "the child saw wrong data (status {status:#x})"
-    );
+    ensure!(child_ok, "the child saw wrong data");
     let s = stats(ctx.variant())?;
     ensure_eq!(s.get("large_folios"), 0, "device THPs after the failed allocations");
     verify(on_dev.bytes(), seed ^ 1, "the device THP back page by page")?;

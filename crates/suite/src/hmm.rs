@@ -304,6 +304,14 @@ impl Pipe {
         Ok(n as usize)
     }
 
+    /// Writes one byte, for whoever waits in [`Pipe::read`].
+    pub fn signal(&self) -> R {
+        // SAFETY: Writes one byte from a static buffer.
+        let n = unsafe { libc::write(self.wr.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+        ensure!(n == 1, "pipe write: {}", std::io::Error::last_os_error());
+        Ok(())
+    }
+
     pub fn read(&self, len: usize) -> R<Vec<u8>> {
         let mut buf = vec![0u8; len];
         let mut got = 0;
