@@ -62,6 +62,10 @@ MM_KNOWN := $(ROOT)/qemu/mm-selftests.known
 # The series' own selftests, each of which must fail on stock and pass patched (not judged when MM
 # selects programs).
 MM_FIXED := $(ROOT)/qemu/mm-selftests.fixed
+# Those of them that take the stock kernel down: skipped in the stock run, run on stock one a boot
+# (plan mm-crash-N for the Nth, oops=panic panic_on_warn=1), whose crash is their stock result.
+MM_CRASH := $(ROOT)/qemu/mm-selftests.crash
+MM_CRASH_N := $(shell seq $$(grep -c -v -e '^\#' -e '^$$' $(MM_CRASH)))
 # proc_mem.force_override=always: mkdirty writes through /proc/self/mem (the bench kernel's
 # default allows that only under ptrace).
 # RERUN=1: boot the mm selftests and the stock kernel even when an earlier run of theirs had the
@@ -75,10 +79,14 @@ MM_RUN = $(REUSE) --smp 3 --numa 2 --timeout 1800 --results $(ROOT)/results --ap
 # alone takes an eighth of the guest's memory (mremap_test's 2 GB cases fail with ENOMEM), so there
 # only its kernel reports and its completion are judged.
 MM_COMPARE = $(BENCH) mm $(ROOT)/results/latest-mm $(ROOT)/results/latest-mm-stock --known $(MM_KNOWN) \
-	$(if $(MM),,--fixed $(MM_FIXED)) $(if $(filter debug,$(KERNEL_FLAVOUR)),--reports-only)
+	$(if $(MM),,--fixed $(MM_FIXED) --crash-cases $(MM_CRASH) \
+		$(foreach n,$(MM_CRASH_N),--crash $(ROOT)/results/latest-mm-crash-$(n))) \
+	$(if $(filter debug,$(KERNEL_FLAVOUR)),--reports-only)
+# The crash boots, unless MM selects programs.
+MM_CRASH_BOOT = $(if $(MM),,$(MAKE) --no-print-directory stock-mm-crash;)
 
 .PHONY: all series-check module clippy rust-analyzer kernel setup canary selftest tools suite perf fuzz bench \
-	initramfs demo test stock stock-initramfs mm-build mm-initramfs stock-mm-initramfs check-mm stock-mm \
+	initramfs demo test stock stock-initramfs mm-build mm-initramfs stock-mm-initramfs check-mm stock-mm stock-mm-crash \
 	mm-selftests check-dmirror check-suite check-fuzz soak soak-test reference \
 	host-test \
 	checkpatch compile-fail clean
@@ -207,6 +215,7 @@ test: host-test initramfs mm-initramfs tools
 		--initrd $(BUILD)/mm-initramfs.cpio.gz $(MM_RUN) || rc=1; \
 	$(MAKE) --no-print-directory stock || rc=1; \
 	$(MAKE) --no-print-directory stock-mm || rc=1; \
+	$(MM_CRASH_BOOT) \
 	$(BENCH) kcidb $(ROOT)/results/latest-test --stock $(ROOT)/results/latest-stock \
 		--patches $(ROOT)/patches $(if $(KCIDB_URL),--url-base $(KCIDB_URL)) || rc=1; \
 	$(MM_COMPARE) || rc=1; \
@@ -237,10 +246,22 @@ stock-mm: stock-mm-initramfs tools
 	$(BENCH_RUN) --plan mm-stock --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
 		--initrd $(STOCK_BUILD)/mm-initramfs.cpio.gz $(MM_RUN)
 
+# The stock kernel's crash boots: the series' selftests that take it down (MM_CRASH), one a boot.
+# Each boot is meant to end in a panic, so its own verdict is not the judge; `dmirror-bench mm
+# --crash` is.
+stock-mm-crash: stock-mm-initramfs tools
+	@for n in $(MM_CRASH_N); do \
+		echo "stock-mm-crash: boot $$n: the stock kernel is meant to crash in it; the mm-selftests comparison judges it"; \
+		$(BENCH_RUN) --plan mm-crash-$$n --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
+			--initrd $(STOCK_BUILD)/mm-initramfs.cpio.gz --timeout 300 --results $(ROOT)/results \
+			--append dmirror.suite_timeout=240 --append oops=panic --append panic_on_warn=1 || true; \
+	done
+
 mm-selftests: mm-initramfs stock-mm-initramfs tools
 	@rc=0; \
 	$(MAKE) --no-print-directory check-mm || rc=1; \
 	$(MAKE) --no-print-directory stock-mm || rc=1; \
+	$(MM_CRASH_BOOT) \
 	$(MM_COMPARE) || rc=1; \
 	exit $$rc
 

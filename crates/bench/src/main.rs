@@ -7,7 +7,7 @@
 //! dmirror-bench judge RESULTS_DIR
 //! dmirror-bench report RESULTS_DIR
 //! dmirror-bench regress PATCHED_DIR STOCK_DIR
-//! dmirror-bench mm PATCHED_DIR STOCK_DIR --known FILE [--fixed FILE] [--reports-only]
+//! dmirror-bench mm PATCHED_DIR STOCK_DIR --known FILE [--fixed FILE] [--crash-cases FILE --crash DIR...] [--reports-only]
 //! dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]
 //! dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S]
 //!                   [--make MAKE] [-- MAKE_ARG...]
@@ -27,6 +27,9 @@
 //! line, and exits 0 only when nothing regressed, every failure on both kernels has a reason in
 //! the `--known` FILE, every case the `--fixed` FILE names (the series' own selftests) fails on
 //! stock and passes patched, the patched suite caused no kernel report and both runs finished.
+//! `--crash-cases FILE --crash DIR...` takes the stock outcome of the cases FILE names (selftests
+//! that take the stock kernel down) from the stock boots that ran them, one each, in order, with
+//! `oops=panic` and `panic_on_warn=1`: a crash while the case ran fails it on stock.
 //! With `--reports-only` (a patched kernel of another configuration, such as the debug
 //! flavour's) it judges only the patched run's kernel reports and completion, and shows the
 //! comparison.
@@ -98,7 +101,7 @@ const HOST_SUITES: &str = "host-suites";
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--accel tcg|kvm|auto] [--smp N] [--numa N] [--append ARG]... [--host-ktap FILE]... [--reuse]\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR\n       dmirror-bench mm PATCHED_DIR STOCK_DIR --known FILE [--fixed FILE] [--reports-only]\n       dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]\n       dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S] [--make MAKE] [-- MAKE_ARG...]"
+        "usage: dmirror-bench run --plan P --kernel BZIMAGE --initrd CPIO [--timeout S] [--results DIR] [--accel tcg|kvm|auto] [--smp N] [--numa N] [--append ARG]... [--host-ktap FILE]... [--reuse]\n       dmirror-bench judge RESULTS_DIR\n       dmirror-bench report RESULTS_DIR\n       dmirror-bench regress PATCHED_DIR STOCK_DIR\n       dmirror-bench mm PATCHED_DIR STOCK_DIR --known FILE [--fixed FILE] [--crash-cases FILE --crash DIR...] [--reports-only]\n       dmirror-bench kcidb RESULTS_DIR [--stock STOCK_DIR] [--patches DIR] [--url-base URL]\n       dmirror-bench compile-fail --kdir KDIR --cases DIR --out DIR [--jobs N] [--timeout S] [--make MAKE] [-- MAKE_ARG...]"
     );
     ExitCode::from(2)
 }
@@ -672,16 +675,22 @@ struct MmArgs {
     stock: PathBuf,
     known: PathBuf,
     fixed: Option<PathBuf>,
+    /// The cases that take the stock kernel down and the stock boots that ran them, one each, in
+    /// order (`--crash-cases FILE --crash DIR...`).
+    crash: Option<(PathBuf, Vec<PathBuf>)>,
     reports_only: bool,
 }
 
 fn parse_mm(args: &[String]) -> Result<MmArgs, String> {
     let (mut known, mut fixed, mut reports_only) = (None, None, false);
+    let (mut crash, mut crash_cases) = (Vec::new(), None);
     let mut it = args[2..].iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--known" => known = it.next().map(PathBuf::from),
             "--fixed" => fixed = Some(it.next().map(PathBuf::from).ok_or("mm: --fixed wants a file")?),
+            "--crash" => crash.push(it.next().map(PathBuf::from).ok_or("mm: --crash wants a directory")?),
+            "--crash-cases" => crash_cases = Some(it.next().map(PathBuf::from).ok_or("mm: --crash-cases wants a file")?),
             "--reports-only" => reports_only = true,
             _ => return Err(format!("mm: unknown argument {a}")),
         }
@@ -691,6 +700,11 @@ fn parse_mm(args: &[String]) -> Result<MmArgs, String> {
         stock: PathBuf::from(&args[1]),
         known: known.ok_or("mm: --known FILE is required")?,
         fixed,
+        crash: match (crash_cases, crash.is_empty()) {
+            (Some(f), false) => Some((f, crash)),
+            (None, true) => None,
+            _ => return Err("mm: --crash-cases FILE and --crash DIR go together".into()),
+        },
         reports_only,
     })
 }
@@ -708,8 +722,22 @@ fn mm_dirs(args: &MmArgs) -> Result<bool, String> {
     let fixed = args.fixed.as_deref().map(mm_rules).transpose()?.unwrap_or_default();
     let (_, patched) = load(patched_dir)?;
     let (_, stock) = load(stock_dir)?;
-    let rows = mm::compare(&patched, &stock, &known);
-    let unproven = mm::unproven(&rows, &fixed);
+    let (mut crashed, mut unproven) = (Vec::new(), Vec::new());
+    if let Some((cases, dirs)) = &args.crash {
+        let rules = mm_rules(cases)?;
+        if rules.len() != dirs.len() {
+            return Err(format!("mm: {} crash cases in {}, {} --crash boots", rules.len(), cases.display(), dirs.len()));
+        }
+        for (rule, dir) in rules.iter().zip(dirs) {
+            let (stream, crash) = load(dir)?;
+            let output = stream.suites.iter().find(|s| s.name == mm::SUITE).map_or("", |s| s.output.as_str());
+            let (c, u) = mm::crash_cases(std::slice::from_ref(rule), &crash, output);
+            crashed.extend(c);
+            unproven.extend(u);
+        }
+    }
+    let rows = mm::compare(&patched, &stock, &crashed, &known);
+    unproven.extend(mm::unproven(&rows, &fixed));
     let counts = mm::counts(&rows);
     let findings = mm::findings(&patched);
     let line = mm::summary_line(&counts);

@@ -98,10 +98,55 @@ fn fails(o: Option<Outcome>) -> bool {
     matches!(o, Some(Outcome::Fail | Outcome::Crash))
 }
 
-/// Pairs the cases of the two runs, patched run's order first.
-pub fn compare(patched: &Summary, stock: &Summary, known: &[Known]) -> Vec<Row> {
+/// The case the output of a run started last (the kselftest harness's `#  RUN  NAME ...`), if any.
+fn last_started(output: &str) -> Option<&str> {
+    output
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix('#')?.trim_start().strip_prefix("RUN "))
+        .map(|r| r.trim().trim_end_matches("...").trim_end())
+        .next_back()
+}
+
+/// The stock outcomes of the series' selftests that take the stock kernel down (`rules`: a case
+/// name and the fix it shows), from a boot of their own with `oops=panic` (`crash`, the suite's
+/// output in `output`): a case's own result when the boot reported one, a crash when the boot
+/// ended in a kernel report while the case was the last one started. What is neither is returned
+/// as a problem: the boot shows nothing about that case.
+pub fn crash_cases(rules: &[Known], crash: &Summary, output: &str) -> (Vec<(String, Outcome, String)>, Vec<String>) {
+    let reported = cases(crash);
+    let findings = findings(crash);
+    let last = last_started(output);
+    let (mut out, mut problems) = (Vec::new(), Vec::new());
+    for rule in rules {
+        if let Some(c) = reported.iter().find(|(n, _, _)| *n == rule.prefix) {
+            out.push(c.clone());
+        } else if let (false, Some(f), Some(name)) = (crash.done, findings.first(), last) {
+            if rule.prefix.ends_with(&format!(".{name}")) {
+                out.push((rule.prefix.clone(), Outcome::Crash, format!("the kernel crashed running it: {}", f.line)));
+            } else {
+                problems.push(format!("{}: the crash boot crashed in another case, {name} ({})", rule.prefix, rule.reason));
+            }
+        } else {
+            problems.push(format!(
+                "{}: the crash boot neither reported it nor ended in a kernel report while it ran ({})",
+                rule.prefix, rule.reason
+            ));
+        }
+    }
+    (out, problems)
+}
+
+/// Pairs the cases of the two runs, patched run's order first; `crashed` (from [`crash_cases`])
+/// replaces the stock run's cases of the same name.
+pub fn compare(patched: &Summary, stock: &Summary, crashed: &[(String, Outcome, String)], known: &[Known]) -> Vec<Row> {
     let p = cases(patched);
-    let s = cases(stock);
+    let mut s = cases(stock);
+    for c in crashed {
+        match s.iter_mut().find(|(n, _, _)| *n == c.0) {
+            Some(old) => *old = c.clone(),
+            None => s.push(c.clone()),
+        }
+    }
     let find = |v: &[(String, Outcome, String)], name: &str| {
         v.iter().find(|(n, _, _)| n == name).map(|(_, o, note)| (*o, note.clone()))
     };
@@ -275,6 +320,7 @@ pub fn findings(s: &Summary) -> Vec<Finding> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::verdict::judge;
 
     fn run(results: &str) -> Summary {
         crate::verdict::one_suite_run(SUITE, results)
@@ -289,7 +335,7 @@ mod tests {
         let stock = run("KTAP version 1\n1..1\n    1..7\n    ok 1 a\n    ok 2 b\n    not ok 3 c\n    not ok 4 d\n    ok 5 e # SKIP no uffd\n    ok 6 f\n    not ok 7 g\nnot ok 1 p\n");
         let patched = run("KTAP version 1\n1..1\n    1..7\n    ok 1 a\n    not ok 2 b\n    ok 3 c\n    not ok 4 d\n    ok 5 e # SKIP no uffd\n    ok 6 f # SKIP gone\n    ok 7 h\nnot ok 1 p\n");
         let known = parse_known("# comment\np.d\ta stock bug\n").unwrap();
-        let rows = compare(&patched, &stock, &known);
+        let rows = compare(&patched, &stock, &[], &known);
         assert_eq!(
             verdicts(&rows),
             [
@@ -323,7 +369,7 @@ mod tests {
     fn green_when_only_explained_failures() {
         let text = "1..3\nok 1 a\nnot ok 2 b\nok 3 c # SKIP no NUMA\n";
         let known = parse_known("b\tenvironment: no io_uring\n").unwrap();
-        let rows = compare(&run(text), &run(text), &known);
+        let rows = compare(&run(text), &run(text), &[], &known);
         let c = counts(&rows);
         assert_eq!((c.pass_both, c.fail_both, c.skipped, c.unexplained, c.regressions), (1, 1, 1, 0, 0));
         assert!(ok(&c, &[], &[], true));
@@ -338,7 +384,7 @@ mod tests {
     fn a_fix_is_shown_only_by_a_case_failing_on_stock() {
         let stock = run("1..1\n    1..3\n    not ok 1 fix one\n    ok 2 fix two\n    ok 3 other\nnot ok 1 p\n");
         let patched = run("1..1\n    1..3\n    ok 1 fix one\n    ok 2 fix two\n    ok 3 other\nok 1 p\n");
-        let rows = compare(&patched, &stock, &[]);
+        let rows = compare(&patched, &stock, &[], &[]);
         let fixed = parse_known("p.fix one\tpatch 1\np.fix two\tpatch 2\np.gone\tpatch 3\n").unwrap();
         let u = unproven(&rows, &fixed);
         assert_eq!(u.len(), 2, "{u:?}");
@@ -353,21 +399,50 @@ mod tests {
         // The patched program died after its first case: the rest never came.
         let stock = run("1..1\n    1..2\n    ok 1 a\n    ok 2 b\nok 1 p\n");
         let patched = run("1..1\n    1..2\n    ok 1 a\n");
-        let rows = compare(&patched, &stock, &[]);
+        let rows = compare(&patched, &stock, &[], &[]);
         assert!(rows.iter().any(|r| r.name == "p.b" && r.verdict == Verdict::Regression), "{rows:?}");
+    }
+
+    #[test]
+    fn a_crash_boot_fails_the_case_it_crashed_in() {
+        // The crash boot's stream: the case started, then the kernel panicked (no result, no end).
+        let output = "KTAP version 1\n1..1\n    1..1\n    #  RUN           f.v.x ...\n";
+        let crash = judge(
+            &crate::stream::parse(&format!(
+                "@@DMIRROR BOOT 7.3.4\n@@DMIRROR DMESG boot\n@@DMIRROR END boot rc=0\n\
+                 @@DMIRROR BEGIN {SUITE} gated=0 expect_findings=0\n{output}"
+            )),
+            "[  9.0] kernel BUG at mm/migrate.c:369!\n",
+        );
+        let rules = parse_known("p.f.v.x\tpatch 8\np.f.v.y\tpatch 9\n").unwrap();
+        let (crashed, problems) = crash_cases(&rules, &crash, output);
+        assert_eq!(crashed.len(), 1, "{crashed:?}");
+        assert_eq!((crashed[0].0.as_str(), crashed[0].1), ("p.f.v.x", Outcome::Crash));
+        assert!(crashed[0].2.contains("kernel BUG at mm/migrate.c:369"), "{crashed:?}");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("p.f.v.y: the crash boot crashed in another case, f.v.x"), "{problems:?}");
+        // The stock run's placeholder for the case gives way to the crash.
+        let stock = run("1..1\nok 1 p.f.v.x # SKIP in the crash boot\n");
+        let patched = run("1..1\n    1..1\n    ok 1 f.v.x\nok 1 p\n");
+        let rows = compare(&patched, &stock, &crashed, &[]);
+        assert_eq!(verdicts(&rows), [("p.f.v.x", Verdict::Fixed)]);
+        assert!(unproven(&rows, &rules[..1]).is_empty());
+        // A boot that finished without reporting the case shows nothing.
+        let (none, problems) = crash_cases(&rules[..1], &run("1..0\n"), "");
+        assert!(none.is_empty() && problems.len() == 1, "{none:?} {problems:?}");
     }
 
     #[test]
     fn repeated_names_pair_in_order() {
         let stock = run("1..3\nok 1 x\nnot ok 2 x\nok 3 x\n");
         let patched = run("1..3\nok 1 x\nok 2 x\nok 3 x\n");
-        let rows = compare(&patched, &stock, &[]);
+        let rows = compare(&patched, &stock, &[], &[]);
         assert_eq!(verdicts(&rows), [("x", Verdict::PassBoth), ("x [2]", Verdict::Fixed), ("x [3]", Verdict::PassBoth)]);
     }
 
     #[test]
     fn empty_run_is_not_green() {
-        let rows = compare(&run("1..0\n"), &run("1..0\n"), &[]);
+        let rows = compare(&run("1..0\n"), &run("1..0\n"), &[], &[]);
         assert!(!ok(&counts(&rows), &[], &[], true));
     }
 

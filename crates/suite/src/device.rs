@@ -435,7 +435,7 @@ fn fork_device_write(ctx: &Ctx) -> R {
 /// THPs a forked child maps too, migrated with single-page destinations: a system THP to the
 /// device when the device THP fails, a device THP back when the system THP fails. The core
 /// splits the source after it was unmapped everywhere; every mapping of it must be split then,
-/// the child's too. Without series patch 33 only the migrating process's PMD was: the child's
+/// the child's too. Without series patch 8 only the migrating process's PMD was: the child's
 /// PMD migration entry was restored onto a single page (`kernel BUG at mm/migrate.c`, in
 /// `remove_migration_pte()`; found by the fuzzer).
 fn fork_shared_thp_single_pages(ctx: &Ctx) -> R {
