@@ -7,7 +7,7 @@
 #   make mm-selftests  the kernel's mm selftests on both kernels, side by side
 #   make compile-fail  the compile-fail cases (tests/compile-fail) alone, on the host
 #   make kernel    build (or reuse) the cached kernel ($KERNEL_FLAVOUR)
-#   make / make module, make clippy, make rust-analyzer, make checkpatch
+#   make / make module, make clippy, make rust-analyzer, make checkpatch, make rustdoc
 #
 # KDIR=<build tree> builds the module against another Rust-enabled kernel.
 
@@ -86,7 +86,7 @@ MM_COMPARE = $(BENCH) mm $(ROOT)/results/latest-mm $(ROOT)/results/latest-mm-sto
 MM_CRASH_BOOT = $(if $(MM),,$(MAKE) --no-print-directory stock-mm-crash;)
 
 .PHONY: all series-check module clippy rust-analyzer kernel setup canary selftest tools suite perf fuzz bench \
-	initramfs demo test stock stock-initramfs mm-build mm-initramfs stock-mm-initramfs check-mm stock-mm stock-mm-crash \
+	initramfs demo test stock stock-initramfs mm-build mm-initramfs stock-mm-initramfs check-mm stock-mm stock-mm-crash rustdoc \
 	mm-selftests check-dmirror check-suite check-fuzz soak soak-test reference \
 	host-test \
 	checkpatch compile-fail clean
@@ -190,6 +190,12 @@ checkpatch: $(KERNEL_DEP)
 			--ignore FILE_PATH_CHANGES,UNKNOWN_COMMIT_ID,CAMELCASE "$$p" || rc=1; \
 	done; exit $$rc
 
+# The kernel's own `make rustdoc` on the series' tree: fails on any rustdoc warning or error.
+rustdoc: $(KERNEL_DEP)
+	@set -o pipefail; $(MAKE) -s -C $(KSRC) O=$(KDIR) $(KMAKE_ARGS) rustdoc 2>&1 | tee $(BUILD)/rustdoc.log
+	@! grep -E '^(warning|error)' $(BUILD)/rustdoc.log
+	@echo "rustdoc: no warning; the HTML is in $(KDIR)/Documentation/output/rust/rustdoc"
+
 # Bisectability: `git am` of the series on a fresh tree, a build after each patch
 # (scripts/series-check; SERIES_CHECK=quick builds only what each patch touches). Not part of
 # `make test`: a cold run takes long.
@@ -251,10 +257,11 @@ stock-mm: stock-mm-initramfs tools
 # --crash` is.
 stock-mm-crash: stock-mm-initramfs tools
 	@for n in $(MM_CRASH_N); do \
-		echo "stock-mm-crash: boot $$n: the stock kernel is meant to crash in it; the mm-selftests comparison judges it"; \
+		log=$(STOCK_BUILD)/mm-crash-$$n.log; \
 		$(BENCH_RUN) --plan mm-crash-$$n --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
 			--initrd $(STOCK_BUILD)/mm-initramfs.cpio.gz --timeout 300 --results $(ROOT)/results \
-			--append dmirror.suite_timeout=240 --append oops=panic --append panic_on_warn=1 || true; \
+			--append dmirror.suite_timeout=240 --append oops=panic --append panic_on_warn=1 >$$log 2>&1; \
+		echo "stock-mm-crash: boot $$n ($$(sed -n 's/^bench: results in //p' $$log)): meant to crash, judged by the mm-selftests comparison; its output: $$log"; \
 	done
 
 mm-selftests: mm-initramfs stock-mm-initramfs tools
