@@ -7,7 +7,7 @@
 #   make mm-selftests  the kernel's mm selftests on both kernels, side by side
 #   make compile-fail  the compile-fail cases (tests/compile-fail) alone, on the host
 #   make kernel    build (or reuse) the cached kernel ($KERNEL_FLAVOUR)
-#   make / make module, make clippy, make rust-analyzer, make checkpatch, make rustdoc
+#   make / make module, make clippy, make rust-analyzer, make checkpatch
 #
 # KDIR=<build tree> builds the module against another Rust-enabled kernel.
 
@@ -62,10 +62,12 @@ MM_KNOWN := $(ROOT)/qemu/mm-selftests.known
 # The series' own selftests, each of which must fail on stock and pass patched (not judged when MM
 # selects programs).
 MM_FIXED := $(ROOT)/qemu/mm-selftests.fixed
-# Those of them that take the stock kernel down: skipped in the stock run, run on stock one a boot
-# (plan mm-crash-N for the Nth, oops=panic panic_on_warn=1), whose crash is their stock result.
+# Those of them that take the stock kernel down: left out of the stock run (dmirror.crash), run on
+# stock one a boot (plan mm-crash-N for the Nth, oops=panic panic_on_warn=1), whose crash is their
+# stock result.
 MM_CRASH := $(ROOT)/qemu/mm-selftests.crash
-MM_CRASH_N := $(shell seq $$(grep -c -v -e '^\#' -e '^$$' $(MM_CRASH)))
+MM_CRASH_CASES := $(shell sed -e '/^\#/d' -e '/^$$/d' -e 's/\t.*//' $(MM_CRASH))
+MM_CRASH_N := $(shell seq $(words $(MM_CRASH_CASES)))
 # proc_mem.force_override=always: mkdirty writes through /proc/self/mem (the bench kernel's
 # default allows that only under ptrace).
 # RERUN=1: boot the mm selftests and the stock kernel even when an earlier run of theirs had the
@@ -86,7 +88,7 @@ MM_COMPARE = $(BENCH) mm $(ROOT)/results/latest-mm $(ROOT)/results/latest-mm-sto
 MM_CRASH_BOOT = $(if $(MM),,$(MAKE) --no-print-directory stock-mm-crash;)
 
 .PHONY: all series-check module clippy rust-analyzer kernel setup canary selftest tools suite perf fuzz bench \
-	initramfs demo test stock stock-initramfs mm-build mm-initramfs stock-mm-initramfs check-mm stock-mm stock-mm-crash rustdoc \
+	initramfs demo test stock stock-initramfs mm-build mm-initramfs stock-mm-initramfs check-mm stock-mm stock-mm-crash \
 	mm-selftests check-dmirror check-suite check-fuzz soak soak-test reference \
 	host-test \
 	checkpatch compile-fail clean
@@ -190,12 +192,6 @@ checkpatch: $(KERNEL_DEP)
 			--ignore FILE_PATH_CHANGES,UNKNOWN_COMMIT_ID,CAMELCASE "$$p" || rc=1; \
 	done; exit $$rc
 
-# The kernel's own `make rustdoc` on the series' tree: fails on any rustdoc warning or error.
-rustdoc: $(KERNEL_DEP)
-	@set -o pipefail; $(MAKE) -s -C $(KSRC) O=$(KDIR) $(KMAKE_ARGS) rustdoc 2>&1 | tee $(BUILD)/rustdoc.log
-	@! grep -E '^(warning|error)' $(BUILD)/rustdoc.log
-	@echo "rustdoc: no warning; the HTML is in $(KDIR)/Documentation/output/rust/rustdoc"
-
 # Bisectability: `git am` of the series on a fresh tree, a build after each patch
 # (scripts/series-check; SERIES_CHECK=quick builds only what each patch touches). Not part of
 # `make test`: a cold run takes long.
@@ -250,17 +246,20 @@ check-mm: mm-initramfs tools
 
 stock-mm: stock-mm-initramfs tools
 	$(BENCH_RUN) --plan mm-stock --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
-		--initrd $(STOCK_BUILD)/mm-initramfs.cpio.gz $(MM_RUN)
+		--initrd $(STOCK_BUILD)/mm-initramfs.cpio.gz $(MM_RUN) \
+		--append dmirror.crash=$(subst $(space),$(comma),$(MM_CRASH_CASES))
 
 # The stock kernel's crash boots: the series' selftests that take it down (MM_CRASH), one a boot.
 # Each boot is meant to end in a panic, so its own verdict is not the judge; `dmirror-bench mm
 # --crash` is.
 stock-mm-crash: stock-mm-initramfs tools
-	@for n in $(MM_CRASH_N); do \
+	@n=0; for c in $(MM_CRASH_CASES); do \
+		n=$$((n + 1)); \
 		log=$(STOCK_BUILD)/mm-crash-$$n.log; \
 		$(BENCH_RUN) --plan mm-crash-$$n --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
 			--initrd $(STOCK_BUILD)/mm-initramfs.cpio.gz --timeout 300 --results $(ROOT)/results \
-			--append dmirror.suite_timeout=240 --append oops=panic --append panic_on_warn=1 >$$log 2>&1; \
+			--append dmirror.suite_timeout=240 --append oops=panic --append panic_on_warn=1 \
+			--append dmirror.crash=$$c >$$log 2>&1; \
 		echo "stock-mm-crash: boot $$n ($$(sed -n 's/^bench: results in //p' $$log)): meant to crash, judged by the mm-selftests comparison; its output: $$log"; \
 	done
 

@@ -731,9 +731,10 @@ fn mm_dirs(args: &MmArgs) -> Result<bool, String> {
         for (rule, dir) in rules.iter().zip(dirs) {
             let (stream, crash) = load(dir)?;
             let output = stream.suites.iter().find(|s| s.name == mm::SUITE).map_or("", |s| s.output.as_str());
-            let (c, u) = mm::crash_cases(std::slice::from_ref(rule), &crash, output);
-            crashed.extend(c);
-            unproven.extend(u);
+            match mm::crash_case(rule, &crash, output) {
+                Ok(c) => crashed.push(c),
+                Err(e) => unproven.push(e),
+            }
         }
     }
     let rows = mm::compare(&patched, &stock, &crashed, &known);

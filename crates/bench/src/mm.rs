@@ -107,36 +107,30 @@ fn last_started(output: &str) -> Option<&str> {
         .next_back()
 }
 
-/// The stock outcomes of the series' selftests that take the stock kernel down (`rules`: a case
-/// name and the fix it shows), from a boot of their own with `oops=panic` (`crash`, the suite's
-/// output in `output`): a case's own result when the boot reported one, a crash when the boot
-/// ended in a kernel report while the case was the last one started. What is neither is returned
-/// as a problem: the boot shows nothing about that case.
-pub fn crash_cases(rules: &[Known], crash: &Summary, output: &str) -> (Vec<(String, Outcome, String)>, Vec<String>) {
-    let reported = cases(crash);
-    let findings = findings(crash);
-    let last = last_started(output);
-    let (mut out, mut problems) = (Vec::new(), Vec::new());
-    for rule in rules {
-        if let Some(c) = reported.iter().find(|(n, _, _)| *n == rule.prefix) {
-            out.push(c.clone());
-        } else if let (false, Some(f), Some(name)) = (crash.done, findings.first(), last) {
-            if rule.prefix.ends_with(&format!(".{name}")) {
-                out.push((rule.prefix.clone(), Outcome::Crash, format!("the kernel crashed running it: {}", f.line)));
-            } else {
-                problems.push(format!("{}: the crash boot crashed in another case, {name} ({})", rule.prefix, rule.reason));
-            }
-        } else {
-            problems.push(format!(
-                "{}: the crash boot neither reported it nor ended in a kernel report while it ran ({})",
-                rule.prefix, rule.reason
-            ));
-        }
+/// The stock outcome of one of the series' selftests that take the stock kernel down (`rule`: its
+/// name and the fix it shows), from the boot of its own that ran it with `oops=panic` (`crash`,
+/// the suite's output in `output`): its own result when the boot reported one, a crash when the
+/// boot ended in a kernel report while it was the last case started. What is neither is an
+/// error: the boot shows nothing about the case.
+pub fn crash_case(rule: &Known, crash: &Summary, output: &str) -> Result<(String, Outcome, String), String> {
+    if let Some(c) = cases(crash).into_iter().find(|(n, _, _)| *n == rule.prefix) {
+        return Ok(c);
     }
-    (out, problems)
+    match (crash.done, findings(crash).first(), last_started(output)) {
+        (false, Some(f), Some(name)) if rule.prefix.ends_with(&format!(".{name}")) => {
+            Ok((rule.prefix.clone(), Outcome::Crash, format!("the kernel crashed running it: {}", f.line)))
+        }
+        (false, Some(_), Some(name)) => {
+            Err(format!("{}: its crash boot crashed in another case, {name} ({})", rule.prefix, rule.reason))
+        }
+        _ => Err(format!(
+            "{}: its crash boot neither reported it nor ended in a kernel report while it ran ({})",
+            rule.prefix, rule.reason
+        )),
+    }
 }
 
-/// Pairs the cases of the two runs, patched run's order first; `crashed` (from [`crash_cases`])
+/// Pairs the cases of the two runs, patched run's order first; `crashed` (from [`crash_case`])
 /// replaces the stock run's cases of the same name.
 pub fn compare(patched: &Summary, stock: &Summary, crashed: &[(String, Outcome, String)], known: &[Known]) -> Vec<Row> {
     let p = cases(patched);
@@ -415,12 +409,11 @@ mod tests {
             "[  9.0] kernel BUG at mm/migrate.c:369!\n",
         );
         let rules = parse_known("p.f.v.x\tpatch 8\np.f.v.y\tpatch 9\n").unwrap();
-        let (crashed, problems) = crash_cases(&rules, &crash, output);
-        assert_eq!(crashed.len(), 1, "{crashed:?}");
+        let crashed = vec![crash_case(&rules[0], &crash, output).unwrap()];
         assert_eq!((crashed[0].0.as_str(), crashed[0].1), ("p.f.v.x", Outcome::Crash));
         assert!(crashed[0].2.contains("kernel BUG at mm/migrate.c:369"), "{crashed:?}");
-        assert_eq!(problems.len(), 1, "{problems:?}");
-        assert!(problems[0].starts_with("p.f.v.y: the crash boot crashed in another case, f.v.x"), "{problems:?}");
+        let e = crash_case(&rules[1], &crash, output).unwrap_err();
+        assert!(e.starts_with("p.f.v.y: its crash boot crashed in another case, f.v.x"), "{e}");
         // The stock run's placeholder for the case gives way to the crash.
         let stock = run("1..1\nok 1 p.f.v.x # SKIP in the crash boot\n");
         let patched = run("1..1\n    1..1\n    ok 1 f.v.x\nok 1 p\n");
@@ -428,8 +421,7 @@ mod tests {
         assert_eq!(verdicts(&rows), [("p.f.v.x", Verdict::Fixed)]);
         assert!(unproven(&rows, &rules[..1]).is_empty());
         // A boot that finished without reporting the case shows nothing.
-        let (none, problems) = crash_cases(&rules[..1], &run("1..0\n"), "");
-        assert!(none.is_empty() && problems.len() == 1, "{none:?} {problems:?}");
+        assert!(crash_case(&rules[0], &run("1..0\n"), "").is_err());
     }
 
     #[test]
