@@ -27,6 +27,12 @@ BENCH := $(ROOT)/target/release/dmirror-bench
 # under it reaches the kernel; nested KVM can hang, so auto never trusts /dev/kvm alone).
 ACCEL ?= tcg
 BENCH_RUN = $(BENCH) run --accel $(ACCEL)
+# One boot: plan $(1) (the plans and their suites: crates/guest/src/plan.rs, or
+# `dmirror-guest plans`) of kernel tree $(2) with initramfs $(3), and more arguments $(4).
+boot_on = $(BENCH_RUN) --plan $(1) --kernel $(2)/arch/x86/boot/bzImage --initrd $(3) \
+	--results $(ROOT)/results $(4)
+# The same on the patched kernel with the main initramfs and the default timeout.
+boot = $(call boot_on,$(1),$(KDIR),$(BUILD)/initramfs.cpio.gz,--timeout $(TIMEOUT) $(BENCH_ARGS) $(2))
 comma := ,
 space := $(subst ,, )
 
@@ -74,7 +80,7 @@ MM_CRASH_N := $(shell seq $(words $(MM_CRASH_CASES)))
 # same kernel image, initramfs and command line (dmirror-bench run --reuse).
 RERUN ?=
 REUSE = $(if $(RERUN),,--reuse)
-MM_RUN = $(REUSE) --smp 3 --numa 2 --timeout 1800 --results $(ROOT)/results --append dmirror.suite_timeout=1500 \
+MM_RUN = $(REUSE) --smp 3 --numa 2 --timeout 1800 --append dmirror.suite_timeout=1500 \
 	--append proc_mem.force_override=always \
 	$(if $(MM),--append dmirror.mm=$(subst $(space),$(comma),$(strip $(MM))))
 # The debug kernel is compared with the stock kernel of the default configuration: KASAN's shadow
@@ -87,7 +93,7 @@ MM_COMPARE = $(BENCH) mm $(ROOT)/results/latest-mm $(ROOT)/results/latest-mm-sto
 # The crash boots, unless MM selects programs.
 MM_CRASH_BOOT = $(if $(MM),,$(MAKE) --no-print-directory stock-mm-crash;)
 
-.PHONY: all series-check module clippy rust-analyzer kernel setup canary selftest tools suite perf fuzz bench \
+.PHONY: all series-check module clippy rust-analyzer kernel setup canary selftest tools guest bench \
 	initramfs demo test stock stock-initramfs mm-build mm-initramfs stock-mm-initramfs check-mm stock-mm stock-mm-crash \
 	mm-selftests check-dmirror check-suite check-fuzz soak soak-test reference \
 	host-test \
@@ -119,23 +125,16 @@ selftest: $(KERNEL_DEP)
 tools:
 	cargo build --release --quiet -p dmirror-bench
 
-# The guest's own suite, static (the initramfs has no C library).
-SUITE := $(ROOT)/target/x86_64-unknown-linux-gnu/release/dmirror-suite
-suite:
+# The guest's programs, static (the initramfs has no C library): the runner of the plans
+# (crates/guest), the own suite, the benchmark's guest side and the ioctl fuzzer.
+GUEST_TARGET := $(ROOT)/target/x86_64-unknown-linux-gnu/release
+GUEST := $(GUEST_TARGET)/dmirror-guest
+SUITE := $(GUEST_TARGET)/dmirror-suite
+PERF := $(GUEST_TARGET)/dmirror-perf
+FUZZ := $(GUEST_TARGET)/dmirror-fuzz
+guest:
 	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
-		--target x86_64-unknown-linux-gnu -p dmirror-suite
-
-# The benchmark's guest side, static like the suite.
-PERF := $(ROOT)/target/x86_64-unknown-linux-gnu/release/dmirror-perf
-perf:
-	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
-		--target x86_64-unknown-linux-gnu -p dmirror-perf
-
-# The ioctl fuzzer, static like the suite.
-FUZZ := $(ROOT)/target/x86_64-unknown-linux-gnu/release/dmirror-fuzz
-fuzz:
-	RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
-		--target x86_64-unknown-linux-gnu -p dmirror-fuzz
+		--target x86_64-unknown-linux-gnu -p dmirror-guest -p dmirror-suite -p dmirror-perf -p dmirror-fuzz
 
 # The FS-DAX cases' file system: ext4 for /dev/pmem0 (256 MiB), written there
 # in the guest (busybox has no mkfs).
@@ -146,10 +145,10 @@ $(FSDAX_IMG):
 	/usr/sbin/mkfs.ext4 -q -F -b 4096 -E nodiscard -L fsdax $(BUILD)/fsdax.img
 	gzip -1 -c $(BUILD)/fsdax.img >$@.tmp && mv $@.tmp $@ && rm -f $(BUILD)/fsdax.img
 
-initramfs: module canary selftest suite perf fuzz $(FSDAX_IMG)
+initramfs: module canary selftest guest $(FSDAX_IMG)
 	$(ROOT)/scripts/mkinitramfs $(KDIR) $(BUILD)/initramfs.cpio.gz \
 		$(ROOT)/dmirror.ko $(ROOT)/tests/canary/bench_canary.ko \
-		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(SUITE) $(PERF) \
+		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(GUEST) $(SUITE) $(PERF) \
 		$(FUZZ) $(FSDAX_IMG)
 
 # The mm selftests for the patched kernel, and their initramfs (with upstream hmm-tests and the
@@ -157,16 +156,16 @@ initramfs: module canary selftest suite perf fuzz $(FSDAX_IMG)
 mm-build: $(KERNEL_DEP)
 	$(ROOT)/scripts/build-mm-selftests $(KSRC) $(KDIR) $(BUILD)/mm
 
-mm-initramfs: selftest mm-build $(FSDAX_IMG)
+mm-initramfs: selftest mm-build guest $(FSDAX_IMG)
 	$(ROOT)/scripts/mkinitramfs $(KDIR) $(BUILD)/mm-initramfs.cpio.gz \
-		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/mm $(FSDAX_IMG)
+		$(KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/mm $(GUEST) $(FSDAX_IMG)
 
 # The same for the stock kernel, with the same test programs: the series' selftests (which fail
 # on stock) run there too.
-stock-mm-initramfs: selftest mm-build $(FSDAX_IMG)
+stock-mm-initramfs: selftest mm-build guest $(FSDAX_IMG)
 	KERNEL_FLAVOUR=stock $(ROOT)/scripts/kernel build
 	$(ROOT)/scripts/mkinitramfs $(STOCK_KDIR) $(STOCK_BUILD)/mm-initramfs.cpio.gz \
-		$(STOCK_KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/mm $(FSDAX_IMG)
+		$(STOCK_KDIR)/lib/test_hmm.ko $(BUILD)/hmm-tests $(BUILD)/mm $(GUEST) $(FSDAX_IMG)
 
 host-test:
 	cargo test --quiet --workspace
@@ -200,8 +199,7 @@ series-check: $(KERNEL_DEP)
 	$(ROOT)/scripts/series-check $(SERIES_CHECK)
 
 demo: initramfs tools
-	$(BENCH_RUN) --plan demo --kernel $(KDIR)/arch/x86/boot/bzImage \
-		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results
+	$(call boot,demo)
 
 # The compile-fail cases, every suite on the patched kernel (with the compile-fail results
 # merged in), then the regression cases on the stock kernel, the KCIDB export of both runs
@@ -210,11 +208,8 @@ demo: initramfs tools
 test: host-test initramfs mm-initramfs tools
 	@rc=0; \
 	$(COMPILE_FAIL_RUN) || rc=1; \
-	$(BENCH_RUN) --plan test --kernel $(KDIR)/arch/x86/boot/bzImage \
-		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
-		$(BENCH_ARGS) --host-ktap $(COMPILE_FAIL)/compile-fail.ktap || rc=1; \
-	$(BENCH_RUN) --plan mm --kernel $(KDIR)/arch/x86/boot/bzImage \
-		--initrd $(BUILD)/mm-initramfs.cpio.gz $(MM_RUN) || rc=1; \
+	$(call boot,test,--host-ktap $(COMPILE_FAIL)/compile-fail.ktap) || rc=1; \
+	$(call boot_on,mm,$(KDIR),$(BUILD)/mm-initramfs.cpio.gz,$(MM_RUN)) || rc=1; \
 	$(MAKE) --no-print-directory stock || rc=1; \
 	$(MAKE) --no-print-directory stock-mm || rc=1; \
 	$(MM_CRASH_BOOT) \
@@ -224,30 +219,27 @@ test: host-test initramfs mm-initramfs tools
 	$(BENCH) regress $(ROOT)/results/latest-test $(ROOT)/results/latest-stock || rc=1; \
 	exit $$rc
 
-stock-initramfs: suite
+stock-initramfs: guest
 	KERNEL_FLAVOUR=stock $(ROOT)/scripts/kernel build
 	mkdir -p $(STOCK_BUILD)/module
 	cp -a $(ROOT)/Kbuild $(ROOT)/src $(STOCK_BUILD)/module/
 	$(MAKE) -C $(STOCK_KDIR) $(KMAKE_ARGS) M=$(STOCK_BUILD)/module modules
 	$(ROOT)/scripts/mkinitramfs $(STOCK_KDIR) $(STOCK_BUILD)/initramfs.cpio.gz \
-		$(STOCK_BUILD)/module/dmirror.ko $(SUITE)
+		$(STOCK_BUILD)/module/dmirror.ko $(GUEST) $(SUITE)
 
 # The regression cases alone on the stock kernel (their results there show the bugs).
 stock: stock-initramfs tools
-	$(BENCH_RUN) --plan stock --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
-		--initrd $(STOCK_BUILD)/initramfs.cpio.gz --timeout 900 --results $(ROOT)/results $(REUSE) \
-		$(if $(SEED),--append dmirror.seed=$(SEED))
+	$(call boot_on,stock,$(STOCK_KDIR),$(STOCK_BUILD)/initramfs.cpio.gz,--timeout 900 $(REUSE) \
+		$(if $(SEED),--append dmirror.seed=$(SEED)))
 
 # The mm selftests on the patched kernel alone (MM="NAME ..." filters them), on the stock kernel
 # alone, and both then side by side (the table goes into the patched run's results).
 check-mm: mm-initramfs tools
-	$(BENCH_RUN) --plan mm --kernel $(KDIR)/arch/x86/boot/bzImage \
-		--initrd $(BUILD)/mm-initramfs.cpio.gz $(MM_RUN)
+	$(call boot_on,mm,$(KDIR),$(BUILD)/mm-initramfs.cpio.gz,$(MM_RUN))
 
 stock-mm: stock-mm-initramfs tools
-	$(BENCH_RUN) --plan mm-stock --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
-		--initrd $(STOCK_BUILD)/mm-initramfs.cpio.gz $(MM_RUN) \
-		--append dmirror.crash=$(subst $(space),$(comma),$(MM_CRASH_CASES))
+	$(call boot_on,mm-stock,$(STOCK_KDIR),$(STOCK_BUILD)/mm-initramfs.cpio.gz,$(MM_RUN) \
+		--append dmirror.crash=$(subst $(space),$(comma),$(MM_CRASH_CASES)))
 
 # The stock kernel's crash boots: the series' selftests that take it down (MM_CRASH), one a boot.
 # Each boot is meant to end in a panic, so its own verdict is not the judge; `dmirror-bench mm
@@ -256,10 +248,9 @@ stock-mm-crash: stock-mm-initramfs tools
 	@n=0; for c in $(MM_CRASH_CASES); do \
 		n=$$((n + 1)); \
 		log=$(STOCK_BUILD)/mm-crash-$$n.log; \
-		$(BENCH_RUN) --plan mm-crash-$$n --kernel $(STOCK_KDIR)/arch/x86/boot/bzImage \
-			--initrd $(STOCK_BUILD)/mm-initramfs.cpio.gz --timeout 300 --results $(ROOT)/results \
+		$(call boot_on,mm-crash-$$n,$(STOCK_KDIR),$(STOCK_BUILD)/mm-initramfs.cpio.gz,--timeout 300 \
 			--append dmirror.suite_timeout=240 --append oops=panic --append panic_on_warn=1 \
-			--append dmirror.crash=$$c >$$log 2>&1; \
+			--append dmirror.crash=$$c) >$$log 2>&1; \
 		echo "stock-mm-crash: boot $$n ($$(sed -n 's/^bench: results in //p' $$log)): meant to crash, judged by the mm-selftests comparison; its output: $$log"; \
 	done
 
@@ -275,31 +266,26 @@ mm-selftests: mm-initramfs stock-mm-initramfs tools
 # PERF_ARGS="--reps 3 --sizes 2,32" for a shorter run (passed with ~ for spaces).
 PERF_ARGS ?=
 bench: initramfs tools
-	$(BENCH_RUN) --plan bench --kernel $(KDIR)/arch/x86/boot/bzImage \
-		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
-		$(BENCH_ARGS) --append dmirror.suite_timeout=3600 \
-		$(if $(PERF_ARGS),--append dmirror.perf=$(subst $(space),~,$(strip $(PERF_ARGS))))
+	$(call boot,bench,--append dmirror.suite_timeout=3600 \
+		$(if $(PERF_ARGS),--append dmirror.perf=$(subst $(space),~,$(strip $(PERF_ARGS)))))
+
+# SUITE_ARGS="-t NAME" filters the own suite, FUZZ_ARGS sets the fuzzer's arguments.
+SUITE_APPEND = $(if $(SUITE_ARGS),--append dmirror.suite=$(subst $(space),$(comma),$(strip $(SUITE_ARGS))))
+FUZZ_APPEND = $(if $(FUZZ_ARGS),--append dmirror.fuzz=$(subst $(space),$(comma),$(strip $(FUZZ_ARGS))))
 
 # For iterating on the driver: its suites only; HMM="-t NAME ..." filters hmm-tests.
 check-dmirror: initramfs tools
-	$(BENCH_RUN) --plan dmirror --kernel $(KDIR)/arch/x86/boot/bzImage \
-		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
-		$(BENCH_ARGS) $(if $(HMM),--append dmirror.hmm=$(subst $(space),$(comma),$(strip $(HMM)))) \
-		$(if $(SUITE_ARGS),--append dmirror.suite=$(subst $(space),$(comma),$(strip $(SUITE_ARGS)))) \
-		$(if $(FUZZ_ARGS),--append dmirror.fuzz=$(subst $(space),$(comma),$(strip $(FUZZ_ARGS))))
+	$(call boot,dmirror,$(if $(HMM),--append dmirror.hmm=$(subst $(space),$(comma),$(strip $(HMM)))) \
+		$(SUITE_APPEND) $(FUZZ_APPEND))
 
 # The own suite alone; SUITE_ARGS="-t NAME" filters it, SEED=N replays a seed.
 check-suite: initramfs tools
-	$(BENCH_RUN) --plan suite --kernel $(KDIR)/arch/x86/boot/bzImage \
-		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
-		$(BENCH_ARGS) $(if $(SUITE_ARGS),--append dmirror.suite=$(subst $(space),$(comma),$(strip $(SUITE_ARGS))))
+	$(call boot,suite,$(SUITE_APPEND))
 
 # The ioctl fuzzer alone; FUZZ_ARGS="--calls 300000 --threads 4" sets its arguments, SEED=N
 # replays a seed.
 check-fuzz: initramfs tools
-	$(BENCH_RUN) --plan fuzz --kernel $(KDIR)/arch/x86/boot/bzImage \
-		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
-		$(BENCH_ARGS) $(if $(FUZZ_ARGS),--append dmirror.fuzz=$(subst $(space),$(comma),$(strip $(FUZZ_ARGS))))
+	$(call boot,fuzz,$(FUZZ_APPEND))
 
 # The patched kernel's gated plan RUNS times in a row (default 10), one boot each: each run's
 # verdict, then the count; fails if any run failed. Each run's output goes to
@@ -308,9 +294,7 @@ RUNS ?= 10
 soak-test: initramfs tools
 	@fail=0; for i in $$(seq 1 $(RUNS)); do \
 		log=$(BUILD)/soak-test-$$i.log; \
-		if $(BENCH_RUN) --plan test --kernel $(KDIR)/arch/x86/boot/bzImage \
-			--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) \
-			--results $(ROOT)/results $(BENCH_ARGS) >$$log 2>&1; then \
+		if $(call boot,test) >$$log 2>&1; then \
 			echo "soak-test: run $$i of $(RUNS): PASS, $$(grep -E '^[0-9]+ passed' $$log | tail -n 1)"; \
 		else \
 			fail=$$((fail + 1)); \
@@ -323,17 +307,13 @@ soak-test: initramfs tools
 # Upstream hmm-tests against the C test_hmm.ko, not gated: the reference's figures
 # (docs/testing.md, "The C reference"). Not part of `make test`.
 reference: initramfs tools
-	$(BENCH_RUN) --plan reference --kernel $(KDIR)/arch/x86/boot/bzImage \
-		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
-		$(BENCH_ARGS)
+	$(call boot,reference)
 
 # Load, use, unload cycles (CYCLES, default 200), then the kmemleak scan; meant for
 # KERNEL_FLAVOUR=debug, whose `make test` runs it too.
 CYCLES ?=
 soak: initramfs tools
-	$(BENCH_RUN) --plan soak --kernel $(KDIR)/arch/x86/boot/bzImage \
-		--initrd $(BUILD)/initramfs.cpio.gz --timeout $(TIMEOUT) --results $(ROOT)/results \
-		$(BENCH_ARGS) $(if $(CYCLES),--append dmirror.cycles=$(CYCLES))
+	$(call boot,soak,$(if $(CYCLES),--append dmirror.cycles=$(CYCLES)))
 
 clean:
 	-$(KMAKE) M=$(ROOT) clean

@@ -1,10 +1,11 @@
 //! What the userspace crates of dmirror share, defined once: the ioctl ABI of
 //! `lib/test_hmm_uapi.h` with each command's errno contract ([`uapi`]), the KTAP writer of the
 //! guest programs and the host's compile-fail suite ([`ktap`]), and the words of a kernel
-//! report in the kernel log ([`report`]).
+//! report in the kernel log ([`report`]), the guest's memory layout ([`layout`]).
 //!
 //! No dependencies: the host runner and the static guest binaries both build it.
 
 pub mod ktap;
+pub mod layout;
 pub mod report;
 pub mod uapi;

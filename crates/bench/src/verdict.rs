@@ -5,7 +5,7 @@ use crate::ktap::{self, Outcome, TestResult};
 use crate::stream::Stream;
 use serde::Serialize;
 
-/// The exit status busybox `timeout -s KILL` leaves.
+/// The exit status of a suite the guest's runner killed at its time limit (128 + SIGKILL).
 const RC_KILLED: i32 = 137;
 
 /// The verdict on one suite.

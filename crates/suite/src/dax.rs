@@ -5,6 +5,7 @@ use crate::harness::{Case, Ctx, Fail, Fixture, R};
 use crate::hmm::{fill, verify, Map, Pipe, THP};
 use crate::inspect::{pfn_of, probe, Probe};
 use crate::{diag, ensure, ensure_eq};
+use dmirror_abi::layout::PMEM;
 use dmirror_abi::uapi::{ioc, PAGE};
 use std::ffi::CString;
 use std::os::fd::AsRawFd;
@@ -457,11 +458,11 @@ pub(crate) fn pmem1_namespace() -> R<String> {
         }
         let res = std::fs::read_to_string(format!("/sys/bus/nd/devices/{name}/resource"))
             .unwrap_or_default();
-        if u64::from_str_radix(res.trim().trim_start_matches("0x"), 16) == Ok(0x5800_0000) {
+        if u64::from_str_radix(res.trim().trim_start_matches("0x"), 16) == Ok(PMEM[1].0) {
             return Ok(name);
         }
     }
-    Err(skip("no nvdimm namespace at 0x58000000 (memmap=128M!1408M)"))
+    Err(skip(format!("no nvdimm namespace at {:#x} (memmap=128M!1408M)", PMEM[1].0)))
 }
 
 pub(crate) fn ndctl(args: &[&str]) -> R<String> {
@@ -480,7 +481,7 @@ pub(crate) fn ndctl(args: &[&str]) -> R<String> {
 
 /// Makes `/dev/pmem1`'s namespace a device-DAX device, runs `f` with the path of its node,
 /// then makes the namespace raw again, whatever happened.
-pub(crate) fn with_devdax(f: impl FnOnce(&str) -> R) -> R {
+pub fn with_devdax(f: impl FnOnce(&str) -> R) -> R {
     let ns = pmem1_namespace()?;
     ndctl(&["create-namespace", "-f", "-e", &ns, "-m", "devdax"])?;
     let result = (|| {
