@@ -9,3 +9,7 @@ pub mod ktap;
 pub mod layout;
 pub mod report;
 pub mod uapi;
+
+/// The suite under which every boot of the kernel's mm selftests files its results (the
+/// guest's runner writes it, `dmirror-bench mm` reads it).
+pub const MM_SUITE: &str = "mm-selftests";

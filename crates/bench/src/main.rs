@@ -68,12 +68,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Guest memory: RAM, with the pmem regions and the coherent devices' reserved range of
-/// [`dmirror_abi::layout`] carved out of it.
-const GUEST_MEM: &str = "3G";
-/// The same, in MiB, for splitting it into NUMA nodes.
+/// Guest memory in MiB ([`dmirror_abi::layout`]: the pmem regions and the coherent devices'
+/// reserved range are carved out of it).
 const GUEST_MEM_MIB: u64 = dmirror_abi::layout::GUEST_MEM_MIB;
-const _: () = assert!(GUEST_MEM_MIB == 3 << 10);
+
+/// The same as QEMU's `-m` takes it.
+fn guest_mem() -> String {
+    format!("{GUEST_MEM_MIB}M")
+}
 const GUEST_CPUS: u32 = 2;
 const QEMU: &str = "qemu-system-x86_64";
 
@@ -340,7 +342,7 @@ fn run(args: RunArgs) -> Result<bool, String> {
     let key = reuse::key(
         &[
             cmdline.join(" "),
-            format!("smp {} numa {} memory {GUEST_MEM} accel {:?}", args.smp, args.numa, args.accel),
+            format!("smp {} numa {} memory {} accel {:?}", args.smp, args.numa, guest_mem(), args.accel),
             qemu_version().unwrap_or_default(),
             args.host_ktap.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(" "),
         ],
@@ -374,7 +376,7 @@ fn run(args: RunArgs) -> Result<bool, String> {
         .args(["-accel", accel, "-cpu", cpu])
         // With NUMA nodes, one CPU a socket: CPUs of one socket share a last-level cache, and
         // a cache shared across nodes makes the kernel warn at boot.
-        .args(["-smp", &smp_arg(args.smp, args.numa), "-m", GUEST_MEM])
+        .args(["-smp", &smp_arg(args.smp, args.numa), "-m", &guest_mem()])
         .args(if args.numa > 0 { numa_args(args.numa, args.smp) } else { Vec::new() })
         .arg("-kernel")
         .arg(&args.kernel)
@@ -435,7 +437,7 @@ fn run(args: RunArgs) -> Result<bool, String> {
             accel: accel.into(),
             cpu: cpu.into(),
             smp: args.smp,
-            memory: GUEST_MEM.into(),
+            memory: guest_mem(),
         },
         kernel: build_dir.as_deref().map(kcidb::kernel_build),
     };

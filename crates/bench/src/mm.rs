@@ -12,7 +12,7 @@ use crate::verdict::{Summary, SYNTHETIC};
 use serde::Serialize;
 
 /// The suite both runs hold.
-pub const SUITE: &str = "mm-selftests";
+pub const SUITE: &str = dmirror_abi::MM_SUITE;
 
 /// What the pair of results says about one case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

@@ -14,9 +14,18 @@ const HMM_TESTS: &str = "/bin/hmm-tests";
 /// Both variants of a case.
 const VARIANTS: [&str; 2] = ["hmm_device_private", "hmm_device_coherent"];
 
+/// Loads `module` with `args` for a suite; a failure is said on standard output.
+pub fn load(module: &str, args: &[String]) -> bool {
+    let loaded = sys::insmod(module, args);
+    if let Err(e) = &loaded {
+        println!("# insmod {module}: {}", e.trim());
+    }
+    loaded.is_ok()
+}
+
 /// Loads the C test_hmm.ko with its device-coherent devices on the reserved range.
-pub fn load_test_hmm() -> Result<(), String> {
-    sys::insmod("test_hmm", &layout::test_hmm_coherent_args())
+pub fn load_test_hmm() -> bool {
+    load("test_hmm", &layout::test_hmm_coherent_args())
 }
 
 /// Logs what a case of the selftest (a child of its harness process) that has run for over 50 s
@@ -100,8 +109,8 @@ fn run(args: &[String]) -> (i32, String) {
     (rc, all)
 }
 
-/// Unloads `module` after a suite; a failure to is one too.
-fn unload(module: &str, rc: i32) -> i32 {
+/// Unloads `module` after a suite whose status is `rc`; a failure to is one too.
+pub fn unload(module: &str, rc: i32) -> i32 {
     match sys::rmmod(module) {
         Ok(()) => rc,
         Err(e) => {
@@ -114,8 +123,7 @@ fn unload(module: &str, rc: i32) -> i32 {
 /// The upstream selftest (with the series' cases) against dmirror.ko loaded with both coherent
 /// ranges: its private and coherent variants run.
 pub fn tests_dmirror() -> i32 {
-    if let Err(e) = sys::insmod("dmirror", &layout::dmirror_coherent_args()) {
-        println!("# insmod dmirror: {}", e.trim());
+    if !load("dmirror", &layout::dmirror_coherent_args()) {
         return 1;
     }
     // benchmark_thp_migration is a timing benchmark (0.5 to 256 MiB migrations, 30 s of this
@@ -147,8 +155,7 @@ pub fn tests_dmirror() -> i32 {
 
 /// The upstream selftest against the C reference driver.
 pub fn tests_c() -> i32 {
-    if let Err(e) = load_test_hmm() {
-        println!("# insmod test_hmm: {}", e.trim());
+    if !load_test_hmm() {
         return 1;
     }
     let (rc, _) = run(&[]);
@@ -165,17 +172,10 @@ pub fn bench(module: &str, coherent: bool) -> i32 {
     } else {
         Vec::new()
     };
-    if let Err(e) = sys::insmod(module, &args) {
-        println!("# insmod {module}: {}", e.trim());
+    if !load(module, &args) {
         return 1;
     }
     let case = format!("hmm.{}.benchmark_thp_migration", VARIANTS[usize::from(coherent)]);
-    let rc = match Command::new(HMM_TESTS).args(["-r", &case]).status() {
-        Ok(s) => sys::shell_status(s),
-        Err(e) => {
-            println!("# {HMM_TESTS}: {e}");
-            1
-        }
-    };
+    let rc = sys::run(HMM_TESTS, &["-r", &case]);
     unload(module, rc)
 }

@@ -90,7 +90,7 @@ mod tests {
         assert!(plan::steps("nonesuch").is_none());
         // Every mm boot files its results under one name, crash boots too.
         for p in ["mm", "mm-stock", "mm-crash-1"] {
-            assert!(plan::steps(p).is_some_and(|s| s.iter().all(|s| s.name == plan::MM_SUITE)), "{p}");
+            assert!(plan::steps(p).is_some_and(|s| s.iter().all(|s| s.name == dmirror_abi::MM_SUITE)), "{p}");
         }
     }
 

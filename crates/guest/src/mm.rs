@@ -17,12 +17,15 @@ use std::time::Duration;
 /// The own suite's ext4 image for the FS-DAX cases and gup_longterm's files, made on the host.
 pub const FSDAX_IMAGE: &str = "/lib/fsdax.img.gz";
 
-/// Writes [`FSDAX_IMAGE`] onto /dev/pmem0.
-pub fn write_fsdax_image() -> io::Result<()> {
+/// Writes [`FSDAX_IMAGE`] onto /dev/pmem0; `false` when there is no image or no /dev/pmem0.
+pub fn write_fsdax_image() -> io::Result<bool> {
+    if !Path::new("/dev/pmem0").exists() || !Path::new(FSDAX_IMAGE).exists() {
+        return Ok(false);
+    }
     let out = File::options().write(true).open("/dev/pmem0")?;
     let status = Command::new("zcat").arg(FSDAX_IMAGE).stdout(out).status()?;
     if status.success() {
-        Ok(())
+        Ok(true)
     } else {
         Err(io::Error::other(format!("zcat {FSDAX_IMAGE}: {status}")))
     }
@@ -339,16 +342,10 @@ pub fn selftests(crash: bool) -> i32 {
     let _ = sys::output("mount", &["-t", "tmpfs", "shm", "/dev/shm"]);
     // The FS-DAX mount for gup_longterm's files (the own suite's ext4 image).
     let _ = std::fs::create_dir_all("/mnt/fsdax");
-    if Path::new("/dev/pmem0").exists() && Path::new(FSDAX_IMAGE).exists() {
-        let mounted = write_fsdax_image().is_ok()
-            && sys::output(
-                "mount",
-                &["-t", "ext4", "-o", "dax=always", "/dev/pmem0", "/mnt/fsdax"],
-            )
-            .0;
-        if !mounted {
-            println!("# mounting /dev/pmem0 with -o dax=always failed");
-        }
+    match write_fsdax_image() {
+        Ok(false) => {}
+        Ok(true) if sys::output("mount", &["-t", "ext4", "-o", "dax=always", "/dev/pmem0", "/mnt/fsdax"]).0 => {}
+        _ => println!("# mounting /dev/pmem0 with -o dax=always failed"),
     }
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default().trim().to_owned();
     println!(
@@ -385,10 +382,7 @@ pub fn selftests(crash: bool) -> i32 {
 fn with_setting(file: &str, value: &str, program: &str, args: &[&str]) -> i32 {
     let old = std::fs::read_to_string(file).unwrap_or_default();
     let _ = sys::write_file(file, value);
-    let rc = Command::new(program)
-        .args(args)
-        .status()
-        .map_or(1, sys::shell_status);
+    let rc = sys::run(program, args);
     let _ = sys::write_file(file, old.trim());
     rc
 }
@@ -431,10 +425,7 @@ pub fn devdax_unbind() -> i32 {
     let mut rc = 0;
     let done = dmirror_suite::dax::with_devdax(|path| {
         let dax = path.trim_start_matches("/dev/");
-        rc = Command::new("/bin/mm/devdax_unbind")
-            .arg(dax)
-            .status()
-            .map_or(1, sys::shell_status);
+        rc = sys::run("/bin/mm/devdax_unbind", &[dax]);
         Ok(())
     });
     match done {
@@ -458,23 +449,14 @@ pub fn hmm_tests(args: &[String]) -> i32 {
         Some("--keep") => (true, &args[1..]),
         _ => (false, args),
     };
-    if let Err(e) = hmm::load_test_hmm() {
-        println!("# insmod test_hmm: {}", e.trim());
+    if !hmm::load_test_hmm() {
         return 1;
     }
-    let rc = Command::new("/bin/hmm-tests")
-        .args(args)
-        .status()
-        .map_or(1, sys::shell_status);
+    let rc = sys::run("/bin/hmm-tests", args);
     if keep {
-        return rc;
-    }
-    match sys::rmmod("test_hmm") {
-        Ok(()) => rc,
-        Err(e) => {
-            println!("# rmmod test_hmm failed: {}", e.trim());
-            1
-        }
+        rc
+    } else {
+        hmm::unload("test_hmm", rc)
     }
 }
 

@@ -18,6 +18,7 @@
 //! looks for.
 
 use crate::sys;
+use dmirror_abi::MM_SUITE;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -86,9 +87,6 @@ const fn ungated(suite: &'static str) -> Step {
 const fn when(when: When, step: Step) -> Step {
     Step { when, ..step }
 }
-
-/// The name of the mm selftests' results in every mm boot, which `dmirror-bench mm` reads.
-pub const MM_SUITE: &str = "mm-selftests";
 
 /// The driver's own suites, in the order every plan that runs them runs them.
 const DMIRROR: [Step; 6] = [
@@ -167,12 +165,12 @@ pub const PLANS: &[(&str, &str, &[Step])] = &[
     (
         "mm",
         "make check-mm: the kernel's mm selftests, patched kernel",
-        &[ungated("mm-selftests")],
+        &[ungated(MM_SUITE)],
     ),
     (
         "mm-stock",
         "make stock-mm: the same on the stock kernel",
-        &[ungated("mm-selftests")],
+        &[ungated(MM_SUITE)],
     ),
     (
         "suite",

@@ -8,7 +8,6 @@
 use crate::{hmm, mm, sys};
 use dmirror_abi::{ktap::Ktap, layout};
 use std::path::Path;
-use std::process::Command;
 
 /// A suite: it prints KTAP and returns its exit status.
 type Suite = fn() -> i32;
@@ -36,7 +35,7 @@ pub const SUITES: &[(&str, Suite)] = &[
     ("hmm-bench-c", || hmm::bench("test_hmm", false)),
     ("hmm-bench-dmirror", || hmm::bench("dmirror", false)),
     ("hmm-bench-dmirror-coherent", || hmm::bench("dmirror", true)),
-    ("mm-selftests", || mm::selftests(false)),
+    (dmirror_abi::MM_SUITE, || mm::selftests(false)),
     ("mm-crash", || mm::selftests(true)),
 ];
 
@@ -322,17 +321,6 @@ fn module_args() -> Vec<String> {
     args
 }
 
-/// Runs a program with the runner's standard output; its exit status.
-fn program(path: &str, args: &[String]) -> i32 {
-    match Command::new(path).args(args).status() {
-        Ok(s) => sys::shell_status(s),
-        Err(e) => {
-            println!("# {path}: {e}");
-            1
-        }
-    }
-}
-
 /// The own zero-refcount suite (crates/suite), with `first` before the standard arguments
 /// (`--regress` for the regression cases of the kernel fixes); it loads dmirror.ko itself and
 /// unloads it at the end. dmirror.suite=-t,NAME adds its arguments (`make check-dmirror
@@ -340,7 +328,7 @@ fn program(path: &str, args: &[String]) -> i32 {
 fn dmirror_suite(first: &[&str]) -> i32 {
     // The FS-DAX cases' ext4, made on the host, onto the first pmem region (the regression
     // cases do not use it).
-    if first != ["--regress"] && Path::new("/dev/pmem0").exists() && Path::new(mm::FSDAX_IMAGE).exists() {
+    if first != ["--regress"] {
         if let Err(e) = mm::write_fsdax_image() {
             println!("# writing the FS-DAX image failed: {e}");
         }
@@ -348,7 +336,7 @@ fn dmirror_suite(first: &[&str]) -> i32 {
     let mut args: Vec<String> = first.iter().map(|s| s.to_string()).collect();
     args.extend(module_args());
     args.extend(sys::arg_words("dmirror.suite", ','));
-    program("/bin/dmirror-suite", &args)
+    sys::run("/bin/dmirror-suite", &args)
 }
 
 /// The ioctl fuzzer (crates/fuzz); it loads dmirror.ko itself and unloads it at the end.
@@ -361,7 +349,7 @@ fn dmirror_fuzz() -> i32 {
         args.extend(["--stuck-secs".to_owned(), "120".to_owned()]);
     }
     args.extend(sys::arg_words("dmirror.fuzz", ','));
-    program("/bin/dmirror-fuzz", &args)
+    sys::run("/bin/dmirror-fuzz", &args)
 }
 
 /// The soak: the own suite's load_unload case with 200 cycles (dmirror.cycles=N for another
@@ -375,7 +363,7 @@ fn dmirror_soak() -> i32 {
         "-t".to_owned(),
         "load_unload".to_owned(),
     ]);
-    program("/bin/dmirror-suite", &args)
+    sys::run("/bin/dmirror-suite", &args)
 }
 
 /// The benchmark (crates/perf): both drivers in turn, samples as KTAP comments.
@@ -386,5 +374,5 @@ fn perf() -> i32 {
         args.extend(["--seed".to_owned(), seed]);
     }
     args.extend(sys::arg_words("dmirror.perf", '~'));
-    program("/bin/dmirror-perf", &args)
+    sys::run("/bin/dmirror-perf", &args)
 }

@@ -123,6 +123,18 @@ pub fn output<S: AsRef<std::ffi::OsStr>>(program: &str, args: &[S]) -> (bool, St
     }
 }
 
+/// Runs `program` with `args` and this process's standard output; its exit status as the shell
+/// gives it, 1 (said on standard output) when it cannot start.
+pub fn run<S: AsRef<std::ffi::OsStr>>(program: &str, args: &[S]) -> i32 {
+    match Command::new(program).args(args).status() {
+        Ok(s) => shell_status(s),
+        Err(e) => {
+            println!("# {program}: {e}");
+            1
+        }
+    }
+}
+
 /// Loads `/lib/modules/NAME.ko` with `args`; on failure, what insmod said.
 pub fn insmod(name: &str, args: &[String]) -> Result<(), String> {
     let mut all = vec![format!("/lib/modules/{name}.ko")];
