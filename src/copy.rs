@@ -9,9 +9,9 @@
 //! mirrored are faulted into the mirror and the copy goes on.
 
 use crate::{
-    device::TableLock,
+    device::{TableLock, COPY_RUN},
     file::DmirrorFile,
-    mirror::{Entry, FAULT_TIMEOUT_MS, FAULT_WINDOW, LEAF_PAGES},
+    mirror::{entry, Leaf, FAULT_TIMEOUT_MS, FAULT_WINDOW, LEAF_PAGES},
     uapi::Cmd,
 };
 use kernel::{
@@ -99,21 +99,20 @@ impl DmirrorFile {
         mut f: impl FnMut(usize, &CpuFolio, usize) -> Result<bool>,
     ) -> Result<usize> {
         let mirror = self.mirror.lock();
-        let mut tables = TableLock::new();
+        // A table's lock is held for `COPY_RUN` pages at most.
+        let mut tables = TableLock::with_run(COPY_RUN);
         let base = addr / PAGE_SIZE;
         // The current leaf, looked up once.
-        let mut leaf: Option<(usize, &[Option<Entry>; LEAF_PAGES])> = None;
+        let mut leaf: Option<(usize, &Leaf)> = None;
         for i in first..end {
             let page = base + i;
             let key = page / LEAF_PAGES;
             if leaf.is_none_or(|(k, _)| k != key) {
-                // A table's lock is held for one leaf's pages at most.
-                tables.release();
                 leaf = mirror.leaf(key).map(|l| (key, l));
             }
             let Some((folio, offset)) = leaf
-                .and_then(|(_, l)| l[page % LEAF_PAGES].as_ref())
-                .and_then(|entry| entry.find(&self.device, &mut tables))
+                .and_then(|(_, l)| entry(l, page % LEAF_PAGES))
+                .and_then(|e| e.find(&self.device, &mut tables))
             else {
                 return Ok(i);
             };
@@ -232,17 +231,12 @@ impl DmirrorFile {
                 break valid;
             }
         };
-        let mut tables = TableLock::new();
+        // A table's lock is held for `COPY_RUN` pages at most.
+        let mut tables = TableLock::with_run(COPY_RUN);
         let base = addr / PAGE_SIZE;
         for i in first..end {
-            if (base + i) % LEAF_PAGES == 0 {
-                // A table's lock is held for one leaf's pages at most.
-                tables.release();
-            }
-            let Some((mut guard, offset)) = mirror
-                .get(base + i)
-                .filter(|e| e.access().write && !e.access().atomic)
-                .and_then(|entry| entry.find_writable(&self.device, &mut tables, &mirror))
+            let Some((mut guard, offset)) =
+                mirror.find_writable(base + i, &self.device, &mut tables, &mirror)
             else {
                 return i;
             };

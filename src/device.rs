@@ -61,6 +61,12 @@ struct Backing {
 }
 
 /// The backing of every allocated device page of a chunk slot, by page index.
+///
+/// Generations count allocations modulo 2^`GEN_BITS` (2^40 or more), so that a mirror entry
+/// names a page in one word. A stale entry (see the mirror's `invalidate`) would read as live
+/// again only if its page index were allocated again exactly a multiple of 2^40 allocations of
+/// its table later while it stays in the mirror, 12 days of a million allocations a second; it
+/// would then read that allocation's data. No memory is reached that is not a live backing.
 struct Table {
     pages: KVVec<Option<Backing>>,
     /// The generation of the last allocation recorded.
@@ -108,7 +114,7 @@ impl<'a> TableLock<'a> {
     }
 
     /// A cursor that also releases a table's lock after `run` lookups under it.
-    fn with_run(run: usize) -> Self {
+    pub(crate) fn with_run(run: usize) -> Self {
         Self { run, held: None }
     }
 
@@ -160,6 +166,20 @@ pub(crate) struct DevicePage {
     gen: u64,
 }
 
+/// Bits of a packed [`DevicePage`] ([`DevicePage::pack`]): whether the CPU mapped it writable,
+/// the slot, the index and the generation, from the lowest bit on.
+const SLOT_BITS: u32 = MAX_SLOTS.trailing_zeros();
+const INDEX_BITS: u32 = (CHUNK_SIZE / PAGE_SIZE).trailing_zeros();
+/// The generations of a table wrap at 2^GEN_BITS (see [`Table`]).
+const GEN_BITS: u32 = usize::BITS - 2 - SLOT_BITS - INDEX_BITS;
+const GEN_MASK: u64 = (1 << GEN_BITS) - 1;
+
+/// The most chunk slots (backing tables) a device has: the `max_chunks` parameter's limit.
+pub(crate) const MAX_SLOTS: usize = 64;
+
+const _: () = assert!(MAX_SLOTS.is_power_of_two() && (CHUNK_SIZE / PAGE_SIZE).is_power_of_two());
+const _: () = assert!(GEN_BITS >= 40);
+
 impl DevicePage {
     /// The page `k` pages after this one, of the same allocation.
     pub(crate) fn nth(self, k: usize) -> Self {
@@ -167,6 +187,28 @@ impl DevicePage {
             index: self.index + k,
             ..self
         }
+    }
+
+    /// The page's name and `write` in one value of a mirror leaf (at most
+    /// `MirrorLeaf::MAX_VALUE`: the top bit stays clear).
+    pub(crate) fn pack(self, write: bool) -> usize {
+        usize::from(write)
+            | self.slot << 1
+            | self.index << (1 + SLOT_BITS)
+            | (self.gen as usize) << (1 + SLOT_BITS + INDEX_BITS)
+    }
+
+    /// The page and `write` that [`Self::pack`] gave `v`; `None` for a value it cannot give.
+    pub(crate) fn unpack(v: usize) -> Option<(Self, bool)> {
+        if v >> (usize::BITS - 1) != 0 {
+            return None;
+        }
+        let page = Self {
+            slot: (v >> 1) & (MAX_SLOTS - 1),
+            index: (v >> (1 + SLOT_BITS)) & ((1 << INDEX_BITS) - 1),
+            gen: (v >> (1 + SLOT_BITS + INDEX_BITS)) as u64,
+        };
+        Some((page, v & 1 != 0))
     }
 }
 
@@ -283,7 +325,7 @@ impl Chunk {
     /// a new allocation; returns the first page's name.
     fn set_backing(&self, index: usize, folio: &OwnedFolio) -> DevicePage {
         let mut table = self.backing.lock();
-        table.gen += 1;
+        table.gen = (table.gen + 1) & GEN_MASK;
         let gen = table.gen;
         for page in 0..folio.nr_pages() {
             let new = Backing {
@@ -493,7 +535,7 @@ pub(crate) fn to_system(
 }
 
 /// Single pages copied under one hold of a backing table's lock, at most.
-const COPY_RUN: usize = 64;
+pub(crate) const COPY_RUN: usize = 64;
 
 impl DevicePagemapOps for Chunk {
     fn folio_free(&self, folio: FreedFolio) {
@@ -700,6 +742,9 @@ impl Device {
         max_chunks: usize,
         fault_around: usize,
     ) -> Result<Arc<Self>> {
+        if max_chunks > MAX_SLOTS {
+            return Err(EINVAL);
+        }
         let owner = PagemapOwner::new()?;
         let mut tables = KVec::new();
         if coherent.is_none() {

@@ -126,8 +126,8 @@ struct Dmirror {
 impl kernel::Module for Dmirror {
     fn init(_module: &'static ThisModule) -> Result<Self> {
         let max_chunks = module_parameters::max_chunks.value();
-        if !(1..=64).contains(&max_chunks) {
-            pr_err!("max_chunks={} out of range 1..64\n", max_chunks);
+        if max_chunks == 0 || max_chunks as usize > device::MAX_SLOTS {
+            pr_err!("max_chunks={} out of range 1..{}\n", max_chunks, device::MAX_SLOTS);
             return Err(EINVAL);
         }
         let fault_around = module_parameters::fault_around.value();

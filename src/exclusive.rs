@@ -4,7 +4,7 @@
 
 use crate::{
     file::DmirrorFile,
-    mirror::{Access, Entry, Room, FAULT_TIMEOUT_MS},
+    mirror::{Entry, NewEntry, Room, FAULT_TIMEOUT_MS},
     uapi::Cmd,
 };
 use kernel::{
@@ -66,12 +66,7 @@ impl DmirrorFile {
                 prepared = true;
                 continue;
             };
-            let access = Access {
-                write: true,
-                atomic: true,
-            };
-            let entry = Entry::folio(exclusive.folio().clone(), exclusive.offset(), access)
-                .ok_or(EINVAL)?;
+            let entry = NewEntry::Exclusive(exclusive.folio().clone(), exclusive.offset());
             mirror.insert(page, entry, &mut room)?;
             drop(mirror);
             drop(exclusive);
@@ -84,7 +79,9 @@ impl DmirrorFile {
         let first = cmd.addr as usize / PAGE_SIZE;
         let end = first + cmd.npages as usize;
         // The leaves that exist in the range, not every page of it: `npages` may be huge.
-        if self.mirror.lock().any(first, end, |e| e.access().atomic) {
+        if self.mirror.lock().any(first, end, |e| {
+            matches!(e, Entry::Folio { exclusive: true, .. })
+        }) {
             return Err(EPERM);
         }
         Ok(())

@@ -9,7 +9,7 @@
 use crate::{
     device::{to_system, Chunk, Storage, TableLock},
     file::DmirrorFile,
-    mirror::{check_signal, Access, Entry, IoctlMigration, Room, FAULT_TIMEOUT_MS},
+    mirror::{check_signal, Entry, IoctlMigration, NewEntry, Room, FAULT_TIMEOUT_MS},
     uapi::Cmd,
 };
 use core::sync::atomic::Ordering;
@@ -136,9 +136,8 @@ impl DmirrorFile {
             self.mirror
                 .lock()
                 .remove(start / PAGE_SIZE, next / PAGE_SIZE, |e| match e {
-                    Entry::Folio(folio, ..) => !folio.is_zone_device(),
-                    Entry::Writable(folio, ..) => !folio.is_zone_device(),
-                    Entry::Device(page, _) => tables.backing(&self.device, page).is_none(),
+                    Entry::Folio { folio, .. } => !folio.is_zone_device(),
+                    Entry::Device(page, _) => tables.backing(&self.device, &page).is_none(),
                 });
             drop(tables);
             let mut mig = MigrateVma::setup(
@@ -205,10 +204,12 @@ impl DmirrorFile {
     ) -> Result {
         let n = (end - start) / PAGE_SIZE;
         let owner = &self.device.owner;
-        let ours = |e: &Entry| match e {
-            Entry::Folio(folio, ..) => DevPagemap::<Chunk>::of_folio(folio, owner).is_some(),
-            Entry::Writable(folio, ..) => DevPagemap::<Chunk>::of_folio(folio, owner).is_some(),
-            Entry::Device(..) => false,
+        let ours = |e: &NewEntry| match e {
+            NewEntry::Folio(folio, _) | NewEntry::Exclusive(folio, _) => {
+                DevPagemap::<Chunk>::of_folio(folio, owner).is_some()
+            }
+            NewEntry::Writable(grant, _) => DevPagemap::<Chunk>::of_folio(grant, owner).is_some(),
+            NewEntry::Device(..) => false,
         };
         let started = Instant::<Monotonic>::now();
         loop {
@@ -246,7 +247,7 @@ impl DmirrorFile {
     /// device folio of the source's order, or one page each when that fails (the device is
     /// out of large runs, a large backing folio cannot be had, or FAIL_ALLOC). Collects the
     /// mirror entries of the destinations in `mapped`, by migration entry.
-    fn to_device(&self, mig: &mut MigrateVma<'_>, mapped: &mut KVec<(usize, Entry)>) -> Result {
+    fn to_device(&self, mig: &mut MigrateVma<'_>, mapped: &mut KVec<(usize, NewEntry)>) -> Result {
         let mut device = self.device.allocator();
         let mut i = 0;
         while i < mig.npages() {
@@ -289,17 +290,14 @@ impl DmirrorFile {
         n: usize,
         mut folio: DeviceFolio<'_, Chunk>,
         storage: Storage<'_>,
-        mapped: &mut KVec<(usize, Entry)>,
+        mapped: &mut KVec<(usize, NewEntry)>,
     ) -> Result {
-        let access = Access {
-            write: mig.src(i).is_write(),
-            atomic: false,
-        };
+        let write = mig.src(i).is_write();
         match storage {
             Storage::Backing(backing, page) => {
                 copy_source(mig, i, n, backing)?;
                 for k in 0..n {
-                    let entry = Entry::Device(page.nth(k), access);
+                    let entry = NewEntry::Device(page.nth(k), write);
                     mapped.push((i + k, entry), GFP_KERNEL)?;
                 }
             }

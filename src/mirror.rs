@@ -25,7 +25,7 @@ use kernel::{
     alloc::flags::GFP_KERNEL,
     mm::{
         folio::{CpuFolio, Folio, FolioGuard, WritableFolio},
-        hmm::{FaultFlags, HmmRange, ValidGuard, WriteGrant},
+        hmm::{FaultFlags, HmmRange, MirrorLeaf, Slot, ValidGuard, WriteGrant},
         memremap::{DevPagemap, PagemapOwner},
         mmu_notifier::{MmuIntervalNotifier, MmuIntervalNotifierOps, NotifierEvent, NotifierRange},
         MmWithUser,
@@ -54,50 +54,59 @@ pub(crate) fn check_signal() -> Result {
 /// Pages faulted per `hmm_range_fault()` call.
 pub(crate) const FAULT_WINDOW: usize = 64;
 
-/// What the CPU mapping of a mirrored page allowed.
+/// One mirrored page, as the mirror holds it: where its data is, and what its CPU mapping
+/// allowed. The mirror keeps it in one word ([`MirrorLeaf`]).
 #[derive(Clone, Copy)]
-pub(crate) struct Access {
-    /// Whether the CPU mapping was writable.
-    pub(crate) write: bool,
-    /// Whether the page is mapped device-exclusive (atomic) for this device.
-    pub(crate) atomic: bool,
-}
-
-/// One mirrored page: where its data is, and what its CPU mapping allowed. The byte offsets
-/// are `u32` (a folio is far smaller than 4 GiB) and the access bits sit in each variant, so
-/// that an entry takes 32 bytes and a leaf of [`LEAF_PAGES`] fits a 2 KiB allocation.
-pub(crate) enum Entry {
-    /// System memory or coherent device memory the page table maps read-only (or this device
-    /// took exclusive access to): the folio holding the page, and the page's byte offset in it
-    /// (a large folio maps many addresses).
-    Folio(ARef<CpuFolio>, u32, Access),
-    /// The same, mapped writable: the device may write it for as long as no invalidation
-    /// happened since the grant was found.
-    Writable(WriteGrant, u32, Access),
+pub(crate) enum Entry<'a> {
+    /// System memory or coherent device memory: the folio holding the page, which the entry
+    /// references, and the page's byte offset in it (a large folio maps many addresses).
+    Folio {
+        folio: &'a CpuFolio,
+        offset: usize,
+        /// This device took exclusive (atomic) access to the page. (Whether the page was
+        /// mapped writable is its slot's grant: see [`Mirror::find_writable`].)
+        exclusive: bool,
+    },
     /// A page of this device's private memory: its data is in its backing, found in the
     /// device's table while the page is the allocation named. Once the page is freed (it was
     /// migrated away, or the memory evicted) the entry is stale and reads as not mirrored.
-    Device(DevicePage, Access),
+    /// With whether the CPU mapping was writable.
+    Device(DevicePage, bool),
 }
 
-const _: () = assert!(core::mem::size_of::<Option<Entry>>() == 32);
+/// A mirror entry to store ([`Mirror::insert`]): a folio with the page's byte offset in it, or
+/// one of this device's pages.
+pub(crate) enum NewEntry {
+    /// Mapped read-only.
+    Folio(ARef<CpuFolio>, usize),
+    /// Mapped writable, with the grant that says so.
+    Writable(WriteGrant, usize),
+    /// Taken exclusive (atomic) for this device.
+    Exclusive(ARef<CpuFolio>, usize),
+    /// A page of this device's private memory, and whether it was mapped writable.
+    Device(DevicePage, bool),
+}
 
-impl Entry {
-    /// A read-only or exclusive entry of the page at byte `offset` of `folio`; `None` past
-    /// 4 GiB.
-    pub(crate) fn folio(folio: ARef<CpuFolio>, offset: usize, access: Access) -> Option<Self> {
-        Some(Self::Folio(folio, u32::try_from(offset).ok()?, access))
-    }
-
-    /// A writable entry of the page at byte `offset` of the grant's folio; `None` past 4 GiB.
-    pub(crate) fn writable(grant: WriteGrant, offset: usize, access: Access) -> Option<Self> {
-        Some(Self::Writable(grant, u32::try_from(offset).ok()?, access))
-    }
-
-    /// What the page's CPU mapping allowed.
-    pub(crate) fn access(&self) -> Access {
-        match self {
-            Self::Folio(.., a) | Self::Writable(.., a) | Self::Device(_, a) => *a,
+impl<'a> Entry<'a> {
+    /// The entry a slot of the mirror holds, if any; a value that names no device page (none
+    /// is stored) reads as not mirrored.
+    fn of(slot: Slot<'a>) -> Option<Self> {
+        match slot {
+            Slot::Empty => None,
+            Slot::Page {
+                folio,
+                offset,
+                mark,
+                ..
+            } => Some(Self::Folio {
+                folio,
+                offset,
+                exclusive: mark,
+            }),
+            Slot::Value(v) => {
+                let (page, write) = DevicePage::unpack(v)?;
+                Some(Self::Device(page, write))
+            }
         }
     }
 
@@ -105,45 +114,31 @@ impl Entry {
     /// stale entry. A page of `device`'s private memory is found in its backing table, locked
     /// with `tables` (if it is not the table held already), so that its backing stays alive
     /// while it is used: a backing is only dropped under its table's lock.
-    pub(crate) fn find<'a, 'b>(
-        &'b self,
-        device: &'a Device,
-        tables: &'b mut TableLock<'a>,
-    ) -> Option<(&'b CpuFolio, usize)> {
+    pub(crate) fn find<'d, 'b>(
+        self,
+        device: &'d Device,
+        tables: &'b mut TableLock<'d>,
+    ) -> Option<(&'b CpuFolio, usize)>
+    where
+        'a: 'b,
+    {
         match self {
-            Self::Folio(folio, offset, _) => Some((folio, *offset as usize)),
-            Self::Writable(grant, offset, _) => Some((grant, *offset as usize)),
-            Self::Device(page, _) => tables.backing(device, page).map(|(f, o)| (&**f, o)),
-        }
-    }
-
-    /// Like [`Entry::find`], for an entry the device may write, with the folio locked: `None`
-    /// for a read-only one, a writable one whose grant `valid` (the mirror's lock, checked for
-    /// the current sequence number) does not prove current, and a folio locked elsewhere.
-    pub(crate) fn find_writable<'a, 'b>(
-        &'b self,
-        device: &'a Device,
-        tables: &'b mut TableLock<'a>,
-        valid: &'b ValidGuard<'_, Mirror>,
-    ) -> Option<(FolioGuard<'b, WritableFolio>, usize)> {
-        match self {
-            Self::Folio(..) => None,
-            Self::Writable(grant, offset, _) => {
-                Some((grant.writable(valid)?.try_lock()?, *offset as usize))
-            }
-            Self::Device(page, _) => {
-                let (backing, offset) = tables.backing(device, page)?;
-                Some((backing.try_lock()?, offset))
-            }
+            Self::Folio { folio, offset, .. } => Some((folio, offset)),
+            Self::Device(page, _) => tables.backing(device, &page).map(|(f, o)| (&**f, o)),
         }
     }
 }
 
-/// Pages per leaf of the mirror: entries are allocated and looked up a leaf at a time.
-pub(crate) const LEAF_PAGES: usize = 64;
+/// Pages per leaf of the mirror: entries are allocated and looked up a leaf at a time. A leaf
+/// of 128 one-word slots is a 1 KiB allocation, and its tree node (with the leaf's grant proof)
+/// 64 bytes: 8.5 bytes a page.
+pub(crate) const LEAF_PAGES: usize = 128;
 
 /// The entries of [`LEAF_PAGES`] consecutive pages, the first at a multiple of it.
-type Leaf = KBox<[Option<Entry>; LEAF_PAGES]>;
+pub(crate) type Leaf = MirrorLeaf<LEAF_PAGES>;
+
+// A tree node (three words of links, the key and the leaf) fits 64 bytes.
+const _: () = assert!(core::mem::size_of::<Leaf>() <= 32);
 
 /// Leaves allocated before the mirror lock is taken (reclaim invalidates, which takes it).
 pub(crate) struct Room(KVec<(RBTreeNodeReservation<usize, Leaf>, Leaf)>);
@@ -158,7 +153,7 @@ impl Room {
         };
         let mut v = KVec::with_capacity(n, GFP_KERNEL)?;
         for _ in 0..n {
-            let leaf = KBox::init(pin_init::init_array_from_fn(|_| None), GFP_KERNEL)?;
+            let leaf = Leaf::new(GFP_KERNEL)?;
             v.push((RBTreeNodeReservation::new(GFP_KERNEL)?, leaf), GFP_KERNEL)?;
         }
         Ok(Self(v))
@@ -204,31 +199,55 @@ impl Mirror {
     }
 
     /// Returns leaf `key`: the entries of pages `[key * LEAF_PAGES, (key + 1) * LEAF_PAGES)`.
-    pub(crate) fn leaf(&self, key: usize) -> Option<&[Option<Entry>; LEAF_PAGES]> {
-        self.table.get(&key).map(|l| &**l)
+    pub(crate) fn leaf(&self, key: usize) -> Option<&Leaf> {
+        self.table.get(&key)
     }
 
-    /// Returns the entry of `page`, if it is mirrored.
-    pub(crate) fn get(&self, page: usize) -> Option<&Entry> {
-        self.table.get(&(page / LEAF_PAGES))?[page % LEAF_PAGES].as_ref()
+    /// Like [`Entry::find`], for the entry of `page` if the device may write it, with the folio
+    /// locked: `None` for a page that is not mirrored, read-only or exclusive, a writable one
+    /// whose grant `valid` (the mirror's lock, checked for the current sequence number) does
+    /// not prove current, and a folio locked elsewhere.
+    pub(crate) fn find_writable<'a, 'b>(
+        &'b self,
+        page: usize,
+        device: &'a Device,
+        tables: &'b mut TableLock<'a>,
+        valid: &'b ValidGuard<'_, Mirror>,
+    ) -> Option<(FolioGuard<'b, WritableFolio>, usize)> {
+        let leaf = self.leaf(page / LEAF_PAGES)?;
+        match entry(leaf, page % LEAF_PAGES)? {
+            Entry::Folio {
+                exclusive: false, ..
+            } => {
+                let (folio, offset) = leaf.writable(page % LEAF_PAGES, valid)?;
+                Some((folio.try_lock()?, offset))
+            }
+            Entry::Folio { .. } => None,
+            Entry::Device(page, write) => {
+                if !write {
+                    return None;
+                }
+                let (backing, offset) = tables.backing(device, &page)?;
+                Some((backing.try_lock()?, offset))
+            }
+        }
     }
 
     /// Sets the entry of `page`, taking a leaf from `room` if it is the first of its leaf;
     /// `ENOMEM` if `room` has none left.
-    pub(crate) fn insert(&mut self, page: usize, entry: Entry, room: &mut Room) -> Result {
+    pub(crate) fn insert(&mut self, page: usize, entry: NewEntry, room: &mut Room) -> Result {
         let key = page / LEAF_PAGES;
         if let Some(leaf) = self.table.get_mut(&key) {
-            leaf[page % LEAF_PAGES] = Some(entry);
-            return Ok(());
+            return store(leaf, page % LEAF_PAGES, entry);
         }
         let (node, mut leaf) = room.0.pop().ok_or(ENOMEM)?;
-        leaf[page % LEAF_PAGES] = Some(entry);
+        store(&mut leaf, page % LEAF_PAGES, entry)?;
         self.table.insert(node.into_node(key, leaf));
         Ok(())
     }
 
     /// Returns whether an entry of pages `[first, end)` satisfies `which`.
-    pub(crate) fn any(&self, first: usize, end: usize, which: impl Fn(&Entry) -> bool) -> bool {
+    pub(crate) fn any(&self, first: usize, end: usize, which: impl Fn(Entry<'_>) -> bool) -> bool {
         let mut next = first / LEAF_PAGES;
         while let Some(c) = self.table.cursor_lower_bound(&next) {
             let (&key, leaf) = c.current();
@@ -237,7 +256,7 @@ impl Mirror {
                 break;
             }
             let (lo, hi) = (first.saturating_sub(base), (end - base).min(LEAF_PAGES));
-            if leaf[lo..hi].iter().flatten().any(&which) {
+            if (lo..hi).filter_map(|i| entry(leaf, i)).any(&which) {
                 return true;
             }
             next = key + 1;
@@ -251,7 +270,7 @@ impl Mirror {
         &mut self,
         first: usize,
         end: usize,
-        mut which: impl FnMut(&Entry) -> bool,
+        mut which: impl FnMut(Entry<'_>) -> bool,
     ) {
         let mut cursor = self.table.cursor_lower_bound_mut(&(first / LEAF_PAGES));
         while let Some(mut c) = cursor {
@@ -261,18 +280,29 @@ impl Mirror {
                 break;
             }
             let (lo, hi) = (first.saturating_sub(base), (end - base).min(LEAF_PAGES));
-            for slot in &mut leaf[lo..hi] {
-                if slot.as_ref().is_some_and(&mut which) {
-                    *slot = None;
-                }
-            }
-            cursor = if leaf.iter().all(Option::is_none) {
+            leaf.clear_if(lo..hi, |slot| Entry::of(slot).is_some_and(&mut which));
+            cursor = if leaf.is_empty() {
                 // Removing the last leaf leaves the cursor on the one before: done then.
                 c.remove_current().0.filter(|next| *next.current().0 > key)
             } else {
                 c.move_next()
             };
         }
+    }
+}
+
+/// The entry of slot `i` of `leaf`, if it is mirrored.
+pub(crate) fn entry(leaf: &Leaf, i: usize) -> Option<Entry<'_>> {
+    Entry::of(leaf.get(i))
+}
+
+/// Stores `entry` in slot `i` of `leaf`.
+fn store(leaf: &mut Leaf, i: usize, entry: NewEntry) -> Result {
+    match entry {
+        NewEntry::Folio(folio, offset) => leaf.set_page(i, folio, offset, false),
+        NewEntry::Writable(grant, offset) => leaf.set_grant(i, grant, offset, false),
+        NewEntry::Exclusive(folio, offset) => leaf.set_page(i, folio, offset, true),
+        NewEntry::Device(page, write) => leaf.set_value(i, page.pack(write)),
     }
 }
 
@@ -316,27 +346,23 @@ impl DmirrorFile {
         range: &HmmRange<'_, Mirror>,
         i: usize,
         valid: &ValidGuard<'_, Mirror>,
-    ) -> Option<Entry> {
+    ) -> Option<NewEntry> {
         let pfn = range.pfns().get(i)?;
         let offset = |folio: &Folio| (pfn.pfn() - folio.pfn()) * PAGE_SIZE;
-        let access = Access {
-            write: pfn.is_writable(),
-            atomic: false,
-        };
         // System memory and coherent device memory hold their data themselves.
         if let Some(grant) = range.write_grant(i, valid) {
             let offset = offset(&grant);
-            Entry::writable(grant, offset, access)
+            Some(NewEntry::Writable(grant, offset))
         } else if let Some(folio) = range.cpu_folio(i, valid) {
             let offset = offset(&folio);
-            Entry::folio(folio, offset, access)
+            Some(NewEntry::Folio(folio, offset))
         } else {
             let folio = range.folio(i, valid)?;
             let (chunk, index) = DevPagemap::<Chunk>::of_folio(&folio, &self.device.owner)?;
             let page = chunk
                 .data()
                 .device_page(index + offset(&folio) / PAGE_SIZE)?;
-            Some(Entry::Device(page, access))
+            Some(NewEntry::Device(page, pfn.is_writable()))
         }
     }
 
