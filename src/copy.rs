@@ -11,14 +11,14 @@
 use crate::{
     device::{TableLock, COPY_RUN},
     file::DmirrorFile,
-    mirror::{entry, Leaf, FAULT_TIMEOUT_MS, FAULT_WINDOW, LEAF_PAGES},
+    mirror::{entry, FAULT_TIMEOUT_MS, FAULT_WINDOW, LEAF_PAGES},
     uapi::Cmd,
 };
 use kernel::{
     alloc::flags::GFP_KERNEL,
     mm::{
-        folio::{CpuFolio, FolioGuard, WritableFolio},
-        hmm::ValidGuard,
+        folio::CpuFolio,
+        hmm::{ValidGuard, WritablePageGuard},
     },
     page::PAGE_SIZE,
     prelude::*,
@@ -98,27 +98,29 @@ impl DmirrorFile {
         end: usize,
         mut f: impl FnMut(usize, &CpuFolio, usize) -> Result<bool>,
     ) -> Result<usize> {
-        let mirror = self.mirror.lock();
-        // A table's lock is held for `COPY_RUN` pages at most.
-        let mut tables = TableLock::with_run(COPY_RUN);
         let base = addr / PAGE_SIZE;
-        // The current leaf, looked up once.
-        let mut leaf: Option<(usize, &Leaf)> = None;
-        for i in first..end {
-            let page = base + i;
-            let key = page / LEAF_PAGES;
-            if leaf.is_none_or(|(k, _)| k != key) {
-                leaf = mirror.leaf(key).map(|l| (key, l));
+        let mut i = first;
+        while i < end {
+            // The mirror's lock is held for one leaf's pages at a time, so that an invalidation
+            // (another thread's migration, say) waits for one leaf's copies, not the range's.
+            let mirror = self.mirror.lock();
+            let key = (base + i) / LEAF_PAGES;
+            let stop = ((key + 1) * LEAF_PAGES - base).min(end);
+            let leaf = mirror.leaf(key);
+            // A table's lock is held for `COPY_RUN` pages at most.
+            let mut tables = TableLock::with_run(COPY_RUN);
+            for j in i..stop {
+                let Some((folio, offset)) = leaf
+                    .and_then(|l| entry(l, (base + j) % LEAF_PAGES))
+                    .and_then(|e| e.find(&self.device, &mut tables))
+                else {
+                    return Ok(j);
+                };
+                if !f(j, folio, offset)? {
+                    return Ok(j);
+                }
             }
-            let Some((folio, offset)) = leaf
-                .and_then(|(_, l)| entry(l, page % LEAF_PAGES))
-                .and_then(|e| e.find(&self.device, &mut tables))
-            else {
-                return Ok(i);
-            };
-            if !f(i, folio, offset)? {
-                return Ok(i);
-            }
+            i = stop;
         }
         Ok(end)
     }
@@ -186,9 +188,9 @@ impl DmirrorFile {
             let mut input = user_pages(ptr, done, npages).reader();
             let mut not_present = false;
             if direct {
-                done = self.walk_in(addr, done, npages, |_, guard, offset| {
-                    not_present = guard
-                        .copy_from_user_nofault(offset, PAGE_SIZE, &mut input)
+                done = self.walk_in(addr, done, npages, |_, page| {
+                    not_present = page
+                        .copy_from_user_nofault(0, PAGE_SIZE, &mut input)
                         .is_err();
                     !not_present
                 });
@@ -200,9 +202,9 @@ impl DmirrorFile {
             let buf = bounce.get(end - done)?;
             user_pages(ptr, done, end).reader().read_slice(buf)?;
             let first = done;
-            done = self.walk_in(addr, done, end, |i, guard, offset| {
+            done = self.walk_in(addr, done, end, |i, page| {
                 let at = (i - first) * PAGE_SIZE;
-                guard.write(offset, &buf[at..at + PAGE_SIZE]).is_ok()
+                page.write(0, &buf[at..at + PAGE_SIZE]).is_ok()
             });
             if done < end {
                 return Ok(done);
@@ -211,9 +213,8 @@ impl DmirrorFile {
         Ok(done)
     }
 
-    /// Calls `f(i, guard, offset)` under the mirror lock for each live, writable mirrored page
-    /// `i` of `[first, end)` of the range at `addr`, in order, with its folio locked and the
-    /// page's offset in it, until a page is not mirrored (or its folio is locked elsewhere, or
+    /// Calls `f(i, page)` under the mirror lock for each live, writable mirrored page `i` of
+    /// `[first, end)` of the range at `addr`, in order, with its folio locked, until a page is not mirrored (or its folio is locked elsewhere, or
     /// its write grant is older than the last invalidation) or `f` returns false. Returns the
     /// index of the page it stopped at (`end` when it did not). `f` may run under a backing
     /// table's spinlock: it must not sleep.
@@ -222,7 +223,7 @@ impl DmirrorFile {
         addr: usize,
         first: usize,
         end: usize,
-        mut f: impl FnMut(usize, &mut FolioGuard<'_, WritableFolio>, usize) -> bool,
+        mut f: impl FnMut(usize, &mut WritablePageGuard<'_>) -> bool,
     ) -> usize {
         // The mirror's lock, checked for the current sequence number: the grants found under it
         // write (`read_begin()` waits for an invalidation in progress).
@@ -235,12 +236,11 @@ impl DmirrorFile {
         let mut tables = TableLock::with_run(COPY_RUN);
         let base = addr / PAGE_SIZE;
         for i in first..end {
-            let Some((mut guard, offset)) =
-                mirror.find_writable(base + i, &self.device, &mut tables, &mirror)
+            let Some(mut page) = mirror.find_writable(base + i, &self.device, &mut tables, &mirror)
             else {
                 return i;
             };
-            if !f(i, &mut guard, offset) {
+            if !f(i, &mut page) {
                 return i;
             }
         }

@@ -208,7 +208,7 @@ impl DmirrorFile {
             NewEntry::Folio(folio, _) | NewEntry::Exclusive(folio, _) => {
                 DevPagemap::<Chunk>::of_folio(folio, owner).is_some()
             }
-            NewEntry::Writable(grant, _) => DevPagemap::<Chunk>::of_folio(grant, owner).is_some(),
+            NewEntry::Writable(grant) => DevPagemap::<Chunk>::of_folio(grant, owner).is_some(),
             NewEntry::Device(..) => false,
         };
         let started = Instant::<Monotonic>::now();

@@ -24,8 +24,10 @@ use crate::{
 use kernel::{
     alloc::flags::GFP_KERNEL,
     mm::{
-        folio::{CpuFolio, Folio, FolioGuard, WritableFolio},
-        hmm::{FaultFlags, HmmRange, MirrorLeaf, Slot, ValidGuard, WriteGrant},
+        folio::{CpuFolio, Folio},
+        hmm::{
+            FaultFlags, HmmRange, MirrorLeaf, Slot, ValidGuard, WritablePageGuard, WriteGrant,
+        },
         memremap::{DevPagemap, PagemapOwner},
         mmu_notifier::{MmuIntervalNotifier, MmuIntervalNotifierOps, NotifierEvent, NotifierRange},
         MmWithUser,
@@ -79,8 +81,8 @@ pub(crate) enum Entry<'a> {
 pub(crate) enum NewEntry {
     /// Mapped read-only.
     Folio(ARef<CpuFolio>, usize),
-    /// Mapped writable, with the grant that says so.
-    Writable(WriteGrant, usize),
+    /// Mapped writable, with the grant that says so (and names the page).
+    Writable(WriteGrant),
     /// Taken exclusive (atomic) for this device.
     Exclusive(ARef<CpuFolio>, usize),
     /// A page of this device's private memory, and whether it was mapped writable.
@@ -203,7 +205,7 @@ impl Mirror {
         self.table.get(&key)
     }
 
-    /// Like [`Entry::find`], for the entry of `page` if the device may write it, with the folio
+    /// Like [`Entry::find`], for the entry of `page` if the device may write it, with its folio
     /// locked: `None` for a page that is not mirrored, read-only or exclusive, a writable one
     /// whose grant `valid` (the mirror's lock, checked for the current sequence number) does
     /// not prove current, and a folio locked elsewhere.
@@ -213,22 +215,20 @@ impl Mirror {
         device: &'a Device,
         tables: &'b mut TableLock<'a>,
         valid: &'b ValidGuard<'_, Mirror>,
-    ) -> Option<(FolioGuard<'b, WritableFolio>, usize)> {
+    ) -> Option<WritablePageGuard<'b>> {
         let leaf = self.leaf(page / LEAF_PAGES)?;
         match entry(leaf, page % LEAF_PAGES)? {
             Entry::Folio {
                 exclusive: false, ..
-            } => {
-                let (folio, offset) = leaf.writable(page % LEAF_PAGES, valid)?;
-                Some((folio.try_lock()?, offset))
-            }
+            } => leaf.writable(page % LEAF_PAGES, valid)?.try_lock(),
             Entry::Folio { .. } => None,
             Entry::Device(page, write) => {
                 if !write {
                     return None;
                 }
+                // The backing is the device's own memory: it writes any page of it.
                 let (backing, offset) = tables.backing(device, &page)?;
-                Some((backing.try_lock()?, offset))
+                WritablePageGuard::from_guard(backing.try_lock()?, offset)
             }
         }
     }
@@ -300,7 +300,7 @@ pub(crate) fn entry(leaf: &Leaf, i: usize) -> Option<Entry<'_>> {
 fn store(leaf: &mut Leaf, i: usize, entry: NewEntry) -> Result {
     match entry {
         NewEntry::Folio(folio, offset) => leaf.set_page(i, folio, offset, false),
-        NewEntry::Writable(grant, offset) => leaf.set_grant(i, grant, offset, false),
+        NewEntry::Writable(grant) => leaf.set_grant(i, grant, false),
         NewEntry::Exclusive(folio, offset) => leaf.set_page(i, folio, offset, true),
         NewEntry::Device(page, write) => leaf.set_value(i, page.pack(write)),
     }
@@ -351,8 +351,7 @@ impl DmirrorFile {
         let offset = |folio: &Folio| (pfn.pfn() - folio.pfn()) * PAGE_SIZE;
         // System memory and coherent device memory hold their data themselves.
         if let Some(grant) = range.write_grant(i, valid) {
-            let offset = offset(&grant);
-            Some(NewEntry::Writable(grant, offset))
+            Some(NewEntry::Writable(grant))
         } else if let Some(folio) = range.cpu_folio(i, valid) {
             let offset = offset(&folio);
             Some(NewEntry::Folio(folio, offset))
