@@ -53,6 +53,8 @@ impl Turn<'_> {
                     }
                 }
                 let barrier = Barrier::new(threads);
+                let workload = format!("conc_{}_{mode}", op.name());
+                let profiled = self.profile_start(&workload, "4k");
                 let spans = std::thread::scope(|sc| {
                     let hs: Vec<_> = (0..threads)
                         .map(|t| {
@@ -77,11 +79,13 @@ impl Turn<'_> {
                     hs.into_iter()
                         .map(|h| h.join().map_err(|_| format!("{at}: thread panicked"))?)
                         .collect::<Res<Vec<_>>>()
-                })?;
+                });
+                self.profile_end(profiled, &workload, "4k", threads * len);
+                let spans = spans?;
                 let first = spans.iter().map(|s| s.0).min().ok_or("no thread")?;
                 let last = spans.iter().map(|s| s.1).max().ok_or("no thread")?;
                 let ns = last.duration_since(first).as_nanos() as u64;
-                self.sample(&format!("conc_{}_{mode}", op.name()), "4k", threads * len, ns);
+                self.sample(&workload, "4k", threads * len, ns);
                 let total = threads * n;
                 match op {
                     Op::ToDev => {

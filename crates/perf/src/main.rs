@@ -110,10 +110,11 @@ fn usage() -> ! {
          --sizes LIST   buffer sizes in MiB, multiples of 2 (default 2,8,32,128,256)\n\
          --seed N       seed of the data and the random fault order (default: the clock)\n\
          --rust-args P  dmirror.ko's module parameters, comma-separated (fault_around=1,...)\n\
-         --profile W:K  function profile of workload W (to_dev, ...) at kind K (4k, thp); repeatable\n\
+         --profile W:K  function profile of workload W (to_dev, ..., conc_to_dev_2t2f) at kind K\n\
+         \x20              (4k, thp); repeatable\n\
          --rows LIST    row groups to run, of to_dev,to_sys,fault_seq,fault_rand,read,write,kmem,conc\n\
          \x20              (default all; fault_seq and fault_rand give the latency rows)\n\
-         --kmem A,B     the two sizes in MiB of the kernel memory rows (default 16,64)\n\
+         --kmem A,B     the two sizes in MiB of the kernel memory rows (default 64,256)\n\
          --conc MIB     MiB a thread of the concurrency rows (default 8)"
     );
     std::process::exit(2)
@@ -132,7 +133,7 @@ fn parse_args() -> Opts {
         ko_c: "/lib/modules/test_hmm.ko".into(),
         profile: Vec::new(),
         rows: ROWS.iter().map(|r| r.to_string()).collect(),
-        kmem: vec![16, 64],
+        kmem: vec![64, 256],
         conc: 8,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -354,13 +355,13 @@ impl Turn<'_> {
     }
 
     /// Starts the function profiler if `workload` at `kind` is the one to profile.
-    fn profile_start(&self, workload: &str, kind: &str) -> bool {
+    pub(crate) fn profile_start(&self, workload: &str, kind: &str) -> bool {
         let on = self.rep.is_some() && self.profile.iter().any(|(w, k)| w == workload && k == kind);
         // Writing 1 resets the counters.
         on && profiler(true).map_err(|e| println!("# profile: {e}")).is_ok()
     }
 
-    fn profile_end(&self, on: bool, workload: &str, kind: &str, bytes: usize) {
+    pub(crate) fn profile_end(&self, on: bool, workload: &str, kind: &str, bytes: usize) {
         if !on {
             return;
         }
