@@ -11,7 +11,7 @@
 use crate::{
     device::{TableLock, COPY_RUN},
     file::DmirrorFile,
-    mirror::{entry, FAULT_TIMEOUT_MS, FAULT_WINDOW, LEAF_PAGES},
+    mirror::{entry, find_writable, Leaf, FAULT_TIMEOUT_MS, FAULT_WINDOW, LEAF_PAGES},
     uapi::Cmd,
 };
 use kernel::{
@@ -214,10 +214,10 @@ impl DmirrorFile {
     }
 
     /// Calls `f(i, page)` under the mirror lock for each live, writable mirrored page `i` of
-    /// `[first, end)` of the range at `addr`, in order, with its folio locked, until a page is not mirrored (or its folio is locked elsewhere, or
-    /// its write grant is older than the last invalidation) or `f` returns false. Returns the
-    /// index of the page it stopped at (`end` when it did not). `f` may run under a backing
-    /// table's spinlock: it must not sleep.
+    /// `[first, end)` of the range at `addr`, in order, with its folio locked, until a page is
+    /// not mirrored (or its folio is locked elsewhere, or its write grant is older than the last
+    /// invalidation) or `f` returns false. Returns the index of the page it stopped at (`end`
+    /// when it did not). `f` may run under a backing table's spinlock: it must not sleep.
     fn walk_in(
         &self,
         addr: usize,
@@ -235,8 +235,16 @@ impl DmirrorFile {
         // A table's lock is held for `COPY_RUN` pages at most.
         let mut tables = TableLock::with_run(COPY_RUN);
         let base = addr / PAGE_SIZE;
+        // The current leaf, looked up once.
+        let mut leaf: Option<(usize, &Leaf)> = None;
         for i in first..end {
-            let Some(mut page) = mirror.find_writable(base + i, &self.device, &mut tables, &mirror)
+            let (key, slot) = ((base + i) / LEAF_PAGES, (base + i) % LEAF_PAGES);
+            if leaf.is_none_or(|(k, _)| k != key) {
+                leaf = mirror.leaf(key).map(|l| (key, l));
+            }
+            let device = &self.device;
+            let Some(mut page) =
+                leaf.and_then(|(_, l)| find_writable(l, slot, device, &mut tables, &mirror))
             else {
                 return i;
             };

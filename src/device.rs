@@ -198,17 +198,14 @@ impl DevicePage {
             | (self.gen as usize) << (1 + SLOT_BITS + INDEX_BITS)
     }
 
-    /// The page and `write` that [`Self::pack`] gave `v`; `None` for a value it cannot give.
-    pub(crate) fn unpack(v: usize) -> Option<(Self, bool)> {
-        if v >> (usize::BITS - 1) != 0 {
-            return None;
-        }
+    /// The page and `write` that [`Self::pack`] gave `v`.
+    pub(crate) fn unpack(v: usize) -> (Self, bool) {
         let page = Self {
             slot: (v >> 1) & (MAX_SLOTS - 1),
             index: (v >> (1 + SLOT_BITS)) & ((1 << INDEX_BITS) - 1),
-            gen: (v >> (1 + SLOT_BITS + INDEX_BITS)) as u64,
+            gen: (v >> (1 + SLOT_BITS + INDEX_BITS)) as u64 & GEN_MASK,
         };
-        Some((page, v & 1 != 0))
+        (page, v & 1 != 0)
     }
 }
 

@@ -127,12 +127,19 @@ impl kernel::Module for Dmirror {
     fn init(_module: &'static ThisModule) -> Result<Self> {
         let max_chunks = module_parameters::max_chunks.value();
         if max_chunks == 0 || max_chunks as usize > device::MAX_SLOTS {
-            pr_err!("max_chunks={} out of range 1..{}\n", max_chunks, device::MAX_SLOTS);
+            pr_err!(
+                "max_chunks={} out of range 1..{}\n",
+                max_chunks,
+                device::MAX_SLOTS
+            );
             return Err(EINVAL);
         }
         let fault_around = module_parameters::fault_around.value();
         if !fault_around.is_power_of_two() || fault_around > 512 {
-            pr_err!("fault_around={} is not a power of two in 1..512\n", fault_around);
+            pr_err!(
+                "fault_around={} is not a power of two in 1..512\n",
+                fault_around
+            );
             return Err(EINVAL);
         }
         let ranges = [

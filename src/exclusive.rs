@@ -80,7 +80,13 @@ impl DmirrorFile {
         let end = first + cmd.npages as usize;
         // The leaves that exist in the range, not every page of it: `npages` may be huge.
         if self.mirror.lock().any(first, end, |e| {
-            matches!(e, Entry::Folio { exclusive: true, .. })
+            matches!(
+                e,
+                Entry::Folio {
+                    exclusive: true,
+                    ..
+                }
+            )
         }) {
             return Err(EPERM);
         }

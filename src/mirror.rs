@@ -25,9 +25,7 @@ use kernel::{
     alloc::flags::GFP_KERNEL,
     mm::{
         folio::{CpuFolio, Folio},
-        hmm::{
-            FaultFlags, HmmRange, MirrorLeaf, Slot, ValidGuard, WritablePageGuard, WriteGrant,
-        },
+        hmm::{FaultFlags, HmmRange, MirrorLeaf, Slot, ValidGuard, WritablePageGuard, WriteGrant},
         memremap::{DevPagemap, PagemapOwner},
         mmu_notifier::{MmuIntervalNotifier, MmuIntervalNotifierOps, NotifierEvent, NotifierRange},
         MmWithUser,
@@ -66,7 +64,7 @@ pub(crate) enum Entry<'a> {
         folio: &'a CpuFolio,
         offset: usize,
         /// This device took exclusive (atomic) access to the page. (Whether the page was
-        /// mapped writable is its slot's grant: see [`Mirror::find_writable`].)
+        /// mapped writable is its slot's grant: see [`find_writable`].)
         exclusive: bool,
     },
     /// A page of this device's private memory: its data is in its backing, found in the
@@ -90,8 +88,7 @@ pub(crate) enum NewEntry {
 }
 
 impl<'a> Entry<'a> {
-    /// The entry a slot of the mirror holds, if any; a value that names no device page (none
-    /// is stored) reads as not mirrored.
+    /// The entry a slot of the mirror holds, if any.
     fn of(slot: Slot<'a>) -> Option<Self> {
         match slot {
             Slot::Empty => None,
@@ -106,7 +103,7 @@ impl<'a> Entry<'a> {
                 exclusive: mark,
             }),
             Slot::Value(v) => {
-                let (page, write) = DevicePage::unpack(v)?;
+                let (page, write) = DevicePage::unpack(v);
                 Some(Self::Device(page, write))
             }
         }
@@ -205,34 +202,6 @@ impl Mirror {
         self.table.get(&key)
     }
 
-    /// Like [`Entry::find`], for the entry of `page` if the device may write it, with its folio
-    /// locked: `None` for a page that is not mirrored, read-only or exclusive, a writable one
-    /// whose grant `valid` (the mirror's lock, checked for the current sequence number) does
-    /// not prove current, and a folio locked elsewhere.
-    pub(crate) fn find_writable<'a, 'b>(
-        &'b self,
-        page: usize,
-        device: &'a Device,
-        tables: &'b mut TableLock<'a>,
-        valid: &'b ValidGuard<'_, Mirror>,
-    ) -> Option<WritablePageGuard<'b>> {
-        let leaf = self.leaf(page / LEAF_PAGES)?;
-        match entry(leaf, page % LEAF_PAGES)? {
-            Entry::Folio {
-                exclusive: false, ..
-            } => leaf.writable(page % LEAF_PAGES, valid)?.try_lock(),
-            Entry::Folio { .. } => None,
-            Entry::Device(page, write) => {
-                if !write {
-                    return None;
-                }
-                // The backing is the device's own memory: it writes any page of it.
-                let (backing, offset) = tables.backing(device, &page)?;
-                WritablePageGuard::from_guard(backing.try_lock()?, offset)
-            }
-        }
-    }
-
     /// Sets the entry of `page`, taking a leaf from `room` if it is the first of its leaf;
     /// `ENOMEM` if `room` has none left.
     pub(crate) fn insert(&mut self, page: usize, entry: NewEntry, room: &mut Room) -> Result {
@@ -294,6 +263,29 @@ impl Mirror {
 /// The entry of slot `i` of `leaf`, if it is mirrored.
 pub(crate) fn entry(leaf: &Leaf, i: usize) -> Option<Entry<'_>> {
     Entry::of(leaf.get(i))
+}
+
+/// Like [`Entry::find`], for the entry of slot `i` of `leaf` if the device may write it, with
+/// its folio locked: `None` for a page that is not mirrored, read-only or exclusive, a writable
+/// one whose grant `valid` (the mirror's lock, checked for the current sequence number) does not
+/// prove current, and a folio locked elsewhere.
+pub(crate) fn find_writable<'a, 'b>(
+    leaf: &'b Leaf,
+    i: usize,
+    device: &'a Device,
+    tables: &'b mut TableLock<'a>,
+    valid: &'b ValidGuard<'_, Mirror>,
+) -> Option<WritablePageGuard<'b>> {
+    // A page slot writes only with its grant, which exclusive entries never have.
+    if let Some(page) = leaf.writable(i, valid) {
+        return page.try_lock();
+    }
+    let Some(Entry::Device(page, true)) = entry(leaf, i) else {
+        return None;
+    };
+    // The backing is the device's own memory: it writes any page of it.
+    let (backing, offset) = tables.backing(device, &page)?;
+    WritablePageGuard::from_guard(backing.try_lock()?, offset)
 }
 
 /// Stores `entry` in slot `i` of `leaf`.
